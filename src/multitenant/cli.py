@@ -1,0 +1,149 @@
+"""``mt-run``: one experiment (or a Hydra multirun sweep of them) from a config in configs/.
+
+    mt-run --config-name multitenant/pair_tiny
+    mt-run -m --config-name multitenant/pair_llama1b split=90/10,70/30,50/50
+
+Exit codes: 0 every run ok; 1 a run failed; 2 bad configuration (nothing was started);
+130 interrupted (Ctrl-C or SIGTERM). In a sweep a failed job does not stop the others; an
+interrupted one stops the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+CONFIG_DIR_ENV = "MT_CONFIG_DIR"
+
+# Default layout of experiment folders; the user's own hydra.run.dir / hydra.sweep.dir win.
+# Microseconds in the name: two runs started in the same second never share a folder.
+DEFAULT_HYDRA_OVERRIDES = (
+    "hydra.run.dir=${output_root}/${name}/${now:%Y%m%d-%H%M%S-%f}",
+    "hydra.sweep.dir=${output_root}/${name}/sweep-${now:%Y%m%d-%H%M%S-%f}",
+    # Job folders by number only: override values such as split=70/30 contain '/'.
+    "hydra.sweep.subdir=job${hydra.job.num}",
+)
+
+_exit_codes: list[int] = []
+log = logging.getLogger("multitenant")
+
+
+def find_config_dir() -> Path:
+    """configs/ on the search path: $MT_CONFIG_DIR, ./configs, or the repository's configs/."""
+    candidates = []
+    if os.environ.get(CONFIG_DIR_ENV):
+        candidates.append(Path(os.environ[CONFIG_DIR_ENV]))
+    candidates.append(Path.cwd() / "configs")
+    candidates.append(Path(__file__).resolve().parents[2] / "configs")  # editable install / checkout
+    for c in candidates:
+        if (c / "solo").is_dir() or (c / "multitenant").is_dir():
+            return c.resolve()
+    raise SystemExit(
+        f"mt-run: error: no configs/ directory found (looked in {', '.join(str(c) for c in candidates)}); "
+        f"run from the repository root or set {CONFIG_DIR_ENV}=/path/to/configs"
+    )
+
+
+def _fail_config(msg: str) -> None:
+    print(f"mt-run: error: {msg}", file=sys.stderr, flush=True)
+    _exit_codes.append(EXIT_CONFIG)
+
+
+def _remove_empty_run_dir(run_dir: Path) -> None:
+    """A config error must leave no half-made run behind (Hydra already made the folder)."""
+    if run_dir.is_dir() and not (run_dir / "manifest.json").exists():
+        leftovers = {p.name for p in run_dir.iterdir()}
+        if leftovers <= {".hydra", "cli.log", "mt-run.log"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_experiment_task(cfg: Any) -> int:
+    """Hydra task function: validate, then run one experiment in Hydra's output dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from multitenant.config import ConfigError, validate
+    from multitenant.orchestrator import Orchestrator, RunFailed
+    from multitenant.progress import LiveProgress
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        assert isinstance(plain, dict)
+        plain = validate(plain)
+    except ConfigError as e:
+        _fail_config(str(e))
+        _remove_empty_run_dir(run_dir)
+        return EXIT_CONFIG
+    except Exception as e:  # OmegaConf: missing value, bad interpolation
+        _fail_config(f"{type(e).__name__}: {str(e).splitlines()[0]}; fix the config or the override")
+        _remove_empty_run_dir(run_dir)
+        return EXIT_CONFIG
+    if plain["active_thread_pct_sum"] > 100:
+        log.info(
+            "active_thread_pct sums to %d%% over the tenants: these are caps, not reservations",
+            plain["active_thread_pct_sum"],
+        )
+    overrides = list(hc.overrides.task)
+    orch = Orchestrator(plain, run_dir, sys.argv, overrides)
+    title = f"{plain['name']} ({plain['mode']})" + (
+        f" job {hc.job.num}" if hc.mode == RunMode.MULTIRUN else ""
+    )
+    try:
+        with LiveProgress(title, enabled=plain["progress"]) as progress:
+            orch.progress = progress
+            status = orch.run()
+    except RunFailed as e:  # refused before anything started (existing run)
+        _fail_config(str(e))
+        return EXIT_CONFIG
+    reason = orch.manifest.get("reason")
+    print(f"mt-run: {status}: {run_dir}" + (f" — {reason}" if reason else ""), file=sys.stderr, flush=True)
+    code = {"ok": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[status]
+    _exit_codes.append(code)
+    if status == "interrupted":
+        raise KeyboardInterrupt  # stop a sweep too; the run itself is already cleaned up
+    return code
+
+
+def _existing_run_dir(argv: list[str]) -> Path | None:
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            d = Path(arg.split("=", 1)[1])
+            if (d / "manifest.json").exists():
+                return d
+    return None
+
+
+def run_main() -> None:
+    """Console entry point of ``mt-run``."""
+    import hydra
+
+    from multitenant.config import register_configs
+
+    if (existing := _existing_run_dir(sys.argv[1:])) is not None:
+        print(
+            f"mt-run: error: hydra.run.dir={existing} already holds a run (never overwritten); choose a new folder",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_CONFIG)
+    register_configs()
+    config_dir = find_config_dir()
+    given = {a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a}
+    sys.argv += [o for o in DEFAULT_HYDRA_OVERRIDES if o.split("=", 1)[0] not in given]
+    task = hydra.main(version_base=None, config_path=str(config_dir), config_name=None)(run_experiment_task)
+    try:
+        task()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(max(_exit_codes) if _exit_codes else EXIT_OK)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,286 @@
+"""Experiment configuration: typed Hydra schema, validation, and the plain data children get.
+
+The schema is registered in Hydra's ConfigStore as ``experiment_schema``; every file in
+``configs/solo/`` and ``configs/multitenant/`` starts with ``defaults: [experiment_schema, _self_]``
+so a typo in a key or a value of the wrong type is caught by OmegaConf before anything runs.
+
+``validate`` then checks what types cannot (ranges, names, combinations) and raises
+``ConfigError`` with one line that names the field and the fix; ``mt-run`` turns it into exit
+code 2 before any process, daemon or GPU context is started.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+MODES = ("mps", "mps_external", "timeslice", "cpu")
+BACKENDS = ("hf",)  # vllm and openai arrive with their own issue
+TASKS = ("generate", "forward")
+EXECUTIONS = ("eager", "graphs")
+DTYPES = ("float32", "float16", "bfloat16")
+DATASETS = ("random", "jsonl")
+ARRIVALS = ("closed", "poisson", "gamma", "constant")
+TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PINNED_MEM_RE = re.compile(r"^(?:(\d+)=)?(\d+(?:\.\d+)?)([KMGT])B?$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line: what is wrong and how to fix it."""
+
+
+@dataclass
+class DatasetConfig:
+    kind: str = "random"  # random | jsonl
+    input_len: int = 128  # random: mean prompt length in tokens
+    output_len: int = 64  # random: output length in tokens (EOS ignored)
+    range_ratio: float = 0.0  # random: lengths uniform in [len*(1-r), len*(1+r)], 0 <= r < 1
+    path: str | None = None  # jsonl: {"prompt_ids": [...]} or {"prompt": "..."}, optional "output_len"
+    seed: int = 0
+
+
+@dataclass
+class ArrivalConfig:
+    kind: str = "closed"  # closed | poisson | gamma | constant
+    concurrency: int = 1  # closed: requests in flight (= max_batch reproduces back-to-back batches)
+    rate: float | None = None  # open loop: mean requests per second
+    burstiness: float = 1.0  # gamma: shape k; 1 = Poisson, < 1 burstier, > 1 smoother
+    seed: int = 0
+
+
+@dataclass
+class WorkloadConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    arrival: ArrivalConfig = field(default_factory=ArrivalConfig)
+    num_requests: int | None = None  # measured requests; stop after this many (and/or duration)
+    duration_s: float | None = None  # measured phase length; in-flight requests are cancelled at its end
+    warmup_requests: int = 2  # served before the ready barrier, never inside the window
+    start_delay_s: float = 0.0  # staggered start: this tenant's measured phase starts t0 + delay
+
+
+@dataclass
+class ShareConfig:
+    active_thread_pct: int | None = None  # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, 1..100
+    pinned_mem_limit: str | None = None  # CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, e.g. "20G" (-> "0=20G")
+    priority: int | None = None  # CUDA_MPS_CLIENT_PRIORITY, 0 (normal) or 1 (below normal)
+
+
+@dataclass
+class TenantConfig:
+    backend: str = "hf"
+    model: str = MISSING  # synthetic:<arch> | hub id | local path
+    dtype: str = "bfloat16"
+    task: str = "generate"  # generate | forward (encoders: per-iteration events)
+    execution: str = "eager"  # eager | graphs (static KV cache + CUDA graphs, GPU only)
+    max_batch: int = 8
+    device: str | None = None  # default: the experiment's device
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    share: ShareConfig = field(default_factory=ShareConfig)
+
+
+@dataclass
+class MpsConfig:
+    pipe_dir: str | None = None  # default: a private dir under /tmp, one per GPU and run
+    log_dir: str | None = None  # default: <run_dir>/mps_log
+    start_timeout_s: float = 20.0
+    stop_timeout_s: float = 20.0
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = MISSING
+    mode: str = "cpu"  # mps | mps_external | timeslice | cpu
+    device: str = "cuda:0"
+    output_root: str = "experiments"
+    split: str | None = None  # "70/30": active_thread_pct of the tenants, in the order they are listed
+    ready_timeout_s: float = 600.0
+    window_lead_s: float = 0.5  # between the ready barrier and t0, so every tenant hears t0 in time
+    stop_timeout_s: float = 30.0  # after the window: how long tenants get to finish before SIGTERM
+    telemetry_interval_ms: int = 100
+    progress: bool = True  # live rich display
+    mps: MpsConfig = field(default_factory=MpsConfig)
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Register the schema so experiment files can name it in their defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="experiment_schema", node=ExperimentConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(where: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{where}: {problem}; {fix}")
+
+
+def parse_pinned_mem_limit(value: str, device_index: int) -> str:
+    """'20G' -> '<device_index>=20G'; '0=20G' is kept. Raises ConfigError on anything else."""
+    m = PINNED_MEM_RE.match(value.strip())
+    if not m:
+        raise ConfigError(f"pinned_mem_limit {value!r} is not a size; write it like 20G, 512M or 0=20G")
+    dev, num, unit = m.groups()
+    if float(num) <= 0:
+        raise ConfigError(f"pinned_mem_limit {value!r} must be positive; write it like 20G")
+    return f"{dev if dev is not None else device_index}={num}{unit.upper()}"
+
+
+def device_index(device: str) -> int | None:
+    """'cuda:1' -> 1, 'cuda' -> 0, 'cpu' -> None."""
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return 0
+    m = re.fullmatch(r"cuda:(\d+)", device)
+    if not m:
+        raise ConfigError(f"device {device!r} is not cpu, cuda or cuda:<index>; set device=cuda:0 or device=cpu")
+    return int(m.group(1))
+
+
+def apply_split(cfg: dict[str, Any]) -> None:
+    """Spread ``split: "70/30"`` over the tenants' active_thread_pct, in listed order."""
+    split = cfg.get("split")
+    if split in (None, ""):
+        return
+    parts = str(split).split("/")
+    names = list(cfg["tenants"])
+    if len(parts) != len(names) or not all(p.strip().isdigit() for p in parts):
+        raise _fail(
+            "split",
+            f"{split!r} does not give one whole percentage per tenant ({len(names)} tenants: {', '.join(names)})",
+            "write it like split=70/30 with one number per tenant",
+        )
+    for name, pct in zip(names, parts, strict=True):
+        cfg["tenants"][name]["share"]["active_thread_pct"] = int(pct)
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check a resolved experiment config (plain dict) and return it completed.
+
+    Completion: ``split`` applied, each tenant's ``device`` filled, ``pinned_mem_limit`` in
+    CUDA's ``<dev>=<size>`` form. Raises ConfigError naming the first problem.
+    """
+    from multitenant.models import check_model_name
+
+    cfg = dict(cfg)
+    if cfg.get("mode") not in MODES:
+        raise _fail("mode", f"unknown mode {cfg.get('mode')!r}", f"use one of {', '.join(MODES)}")
+    mode = cfg["mode"]
+    if mode == "cpu":
+        cfg["device"] = "cpu"
+    idx = device_index(cfg["device"])
+    if mode != "cpu" and idx is None:
+        raise _fail("device", f"mode {mode} needs a GPU but device is cpu", "set device=cuda:0 or mode=cpu")
+    tenants = cfg.get("tenants") or {}
+    if not tenants:
+        raise _fail("tenants", "no tenant is defined", "add at least one entry under tenants:")
+    for key in ("ready_timeout_s", "stop_timeout_s"):
+        if not cfg[key] > 0:
+            raise _fail(key, f"must be > 0 (got {cfg[key]})", f"set {key} to a positive number of seconds")
+    if cfg["window_lead_s"] < 0:
+        raise _fail("window_lead_s", f"must be >= 0 (got {cfg['window_lead_s']})", "set it to 0.5")
+    if not cfg["telemetry_interval_ms"] >= 10:
+        raise _fail(
+            "telemetry_interval_ms", f"must be >= 10 (got {cfg['telemetry_interval_ms']})", "use 100 (the default)"
+        )
+    apply_split(cfg)
+
+    pct_sum = 0
+    for name, t in tenants.items():
+        w = f"tenants.{name}"
+        if not TENANT_NAME_RE.match(name):
+            raise _fail(w, f"tenant name {name!r} is not usable as a folder name", "use letters, digits, _ . -")
+        if t["backend"] not in BACKENDS:
+            raise _fail(f"{w}.backend", f"unknown backend {t['backend']!r}", f"use one of {', '.join(BACKENDS)}")
+        if t["task"] not in TASKS:
+            raise _fail(f"{w}.task", f"unknown task {t['task']!r}", f"use one of {', '.join(TASKS)}")
+        if t["execution"] not in EXECUTIONS:
+            raise _fail(
+                f"{w}.execution", f"unknown execution mode {t['execution']!r}", f"use one of {', '.join(EXECUTIONS)}"
+            )
+        if t["dtype"] not in DTYPES:
+            raise _fail(f"{w}.dtype", f"unknown dtype {t['dtype']!r}", f"use one of {', '.join(DTYPES)}")
+        try:
+            check_model_name(t["model"])
+        except ValueError as e:
+            raise _fail(f"{w}.model", str(e), "use synthetic:<arch>, a hub id or an existing local path") from None
+        if not t["max_batch"] >= 1:
+            raise _fail(f"{w}.max_batch", f"must be >= 1 (got {t['max_batch']})", "set a positive batch limit")
+        t["device"] = t.get("device") or cfg["device"]
+        tidx = device_index(t["device"])
+        if mode == "cpu" and tidx is not None:
+            raise _fail(f"{w}.device", f"mode cpu but device {t['device']}", "remove the tenant's device or set mode")
+        if t["execution"] == "graphs" and tidx is None:
+            raise _fail(
+                f"{w}.execution",
+                "graphs (CUDA graphs) needs a GPU but this tenant runs on the CPU",
+                "use execution=eager on the CPU, or run on a GPU with mode=timeslice or mps",
+            )
+        if t["task"] == "forward" and t["execution"] == "graphs":
+            raise _fail(f"{w}.execution", "graphs is for generate tenants", "use execution=eager for task=forward")
+        _validate_workload(f"{w}.workload", t["workload"], t["max_batch"])
+        _validate_share(f"{w}.share", t["share"], mode, tidx)
+        pct_sum += t["share"]["active_thread_pct"] or 0
+    cfg["active_thread_pct_sum"] = pct_sum
+    return cfg
+
+
+def _positive(where: str, value: Any, what: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0:
+        raise _fail(where, f"{what} must be > 0 (got {value})", f"set {where.rsplit('.', 1)[-1]} to a positive value")
+
+
+def _validate_workload(w: str, wl: dict[str, Any], max_batch: int) -> None:
+    ds, arr = wl["dataset"], wl["arrival"]
+    if ds["kind"] not in DATASETS:
+        raise _fail(f"{w}.dataset.kind", f"unknown dataset {ds['kind']!r}", f"use one of {', '.join(DATASETS)}")
+    if ds["kind"] == "random":
+        _positive(f"{w}.dataset.input_len", ds["input_len"], "input length")
+        _positive(f"{w}.dataset.output_len", ds["output_len"], "output length")
+        if not 0 <= ds["range_ratio"] < 1:
+            raise _fail(f"{w}.dataset.range_ratio", f"must be in [0, 1) (got {ds['range_ratio']})", "use e.g. 0.25")
+    else:
+        if not ds.get("path"):
+            raise _fail(f"{w}.dataset.path", "jsonl dataset without a path", "set dataset.path=/path/to/file.jsonl")
+        if not Path(ds["path"]).is_file():
+            raise _fail(f"{w}.dataset.path", f"{ds['path']} does not exist", "point dataset.path at a .jsonl file")
+        _positive(f"{w}.dataset.output_len", ds["output_len"], "default output length")
+    if arr["kind"] not in ARRIVALS:
+        raise _fail(f"{w}.arrival.kind", f"unknown arrival process {arr['kind']!r}", f"use one of {', '.join(ARRIVALS)}")
+    if arr["kind"] == "closed":
+        _positive(f"{w}.arrival.concurrency", arr["concurrency"], "concurrency")
+    else:
+        _positive(f"{w}.arrival.rate", arr["rate"], "request rate (req/s)")
+        if arr["kind"] == "gamma":
+            _positive(f"{w}.arrival.burstiness", arr["burstiness"], "burstiness (gamma shape)")
+    if wl["num_requests"] is None and wl["duration_s"] is None:
+        raise _fail(w, "neither num_requests nor duration_s is set", "set one of them (or both) so the tenant stops")
+    _positive(f"{w}.num_requests", wl["num_requests"], "num_requests", allow_none=True)
+    _positive(f"{w}.duration_s", wl["duration_s"], "duration_s", allow_none=True)
+    if wl["warmup_requests"] < 0:
+        raise _fail(f"{w}.warmup_requests", f"must be >= 0 (got {wl['warmup_requests']})", "use 0 or more")
+    if wl["start_delay_s"] < 0:
+        raise _fail(f"{w}.start_delay_s", f"must be >= 0 (got {wl['start_delay_s']})", "use 0 or more")
+
+
+def _validate_share(w: str, share: dict[str, Any], mode: str, tidx: int | None) -> None:
+    """Range checks. In timeslice/cpu mode a share is kept in the config (so one file serves the
+    MPS runs and their control case) but not applied; the manifest says so."""
+    pct, mem, prio = share["active_thread_pct"], share["pinned_mem_limit"], share["priority"]
+    if pct is not None and not 1 <= pct <= 100:
+        raise _fail(f"{w}.active_thread_pct", f"must be 1..100 (got {pct})", "give the SM cap in percent")
+    if prio is not None and prio not in (0, 1):
+        raise _fail(f"{w}.priority", f"must be 0 or 1 (got {prio})", "use 0 (normal) or 1 (below normal)")
+    if mem is not None:
+        share["pinned_mem_limit"] = parse_pinned_mem_limit(str(mem), tidx or 0)
+

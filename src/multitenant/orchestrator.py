@@ -1,0 +1,567 @@
+"""Orchestrator: one experiment = one run dir, N tenant processes, one measured window.
+
+Order of work (each step is undone in ``finally``, in reverse, whatever happens):
+1. refuse an existing run (a ``manifest.json`` already there), write ``config.resolved.yaml``
+   and ``manifest.json`` (status ``running``);
+2. ``mps``: start a private control daemon (``mps_external``: check the given one answers);
+3. start the telemetry sampler;
+4. spawn every tenant as its own process (``python -m multitenant.tenant``, new session, so
+   a whole process group can be stopped), with its MPS share in its environment;
+5. ready barrier (timeout ``ready_timeout_s``); under MPS, verify each tenant PID is a client
+   of the daemon's server (a CUDA process that cannot reach the pipe silently runs without
+   MPS, which would make the experiment meaningless);
+6. announce one common ``t0`` (now + ``window_lead_s``) to all tenants; each tenant's own
+   measured phase starts at ``t0 + start_delay_s``;
+7. wait for every tenant to finish; the first failure stops the others;
+8. stop tenants (stop command, then SIGTERM, then SIGKILL to their process groups), stop the
+   sampler, stop the daemon, write the final manifest (``ok`` | ``failed`` | ``interrupted``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from multitenant.config import device_index
+
+log = logging.getLogger("multitenant")
+
+MANIFEST_SCHEMA_VERSION = 1
+POLL_S = 0.1
+STOP_GRACE_S = 5.0  # after the stop command, before SIGTERM; then again before SIGKILL
+PACKAGES = ("multitenant", "torch", "transformers", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py", "vllm")
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached the orchestrator."""
+
+
+class RunFailed(Exception):
+    """The experiment cannot go on; the message is the manifest's reason."""
+
+
+@dataclass
+class TenantProc:
+    """The orchestrator's view of one tenant process."""
+
+    name: str
+    cfg: dict[str, Any]
+    dir: Path
+    popen: subprocess.Popen[bytes]
+    cmd_pipe: Any  # text file: orchestrator -> tenant
+    msg_fd: int  # orchestrator <- tenant
+    stderr_path: Path
+    state: str = "loading"  # loading | ready | running | finished | failed
+    ready_info: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    final_status: str | None = None
+    exit_code: int | None = None
+    _buf: bytes = b""
+
+    def send(self, cmd: str, **fields: Any) -> None:
+        try:
+            self.cmd_pipe.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+            self.cmd_pipe.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the tenant is gone; its exit code tells the rest
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def last_line(path: Path, limit: int = 65536) -> str:
+    """Last non-empty line of a log file (the reason quoted for a failed tenant)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def physical_gpu(device: str) -> tuple[int | None, str | None]:
+    """Map a tenant's ``cuda:N`` to (N as NVML index where known, CUDA_VISIBLE_DEVICES entry).
+
+    If the harness itself runs under CUDA_VISIBLE_DEVICES (a cluster scheduler's choice),
+    ``cuda:N`` means the N-th visible device, so the child gets that entry, not N.
+    """
+    idx = device_index(device)
+    if idx is None:
+        return None, None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or visible.strip() == "":
+        return idx, str(idx)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if idx >= len(entries):
+        raise RunFailed(f"device cuda:{idx} but CUDA_VISIBLE_DEVICES={visible} lists {len(entries)} device(s)")
+    entry = entries[idx]
+    return (int(entry) if entry.isdigit() else None), entry
+
+
+class Orchestrator:
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, argv: list[str], overrides: list[str]) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.argv = argv
+        self.overrides = overrides
+        self.mode: str = cfg["mode"]
+        self.tenants: dict[str, TenantProc] = {}
+        self.daemon: Any = None  # mps.MpsDaemon
+        self.sampler: Any = None  # telemetry.TelemetrySampler
+        self.selector = selectors.DefaultSelector()
+        self.manifest: dict[str, Any] = {}
+        self.window: tuple[int, int | None] | None = None
+        self.nvml_index, self.visible_entry = physical_gpu(cfg["device"])
+
+    # -- manifest --------------------------------------------------------------------------
+
+    def _init_manifest(self) -> None:
+        now = time.monotonic_ns()
+        run_id = f"{self.cfg['name']}-{self.run_dir.name}"
+        self.manifest = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "run_id": run_id,
+            "name": self.cfg["name"],
+            "status": "running",
+            "reason": None,
+            "host": {
+                "hostname": socket.gethostname(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "cpu_count": os.cpu_count(),
+            },
+            "gpu": None,
+            "packages": package_versions(),
+            "mode": self.mode,
+            "mps": None,
+            "tenants": {
+                name: {
+                    "pid": None,
+                    "backend": t["backend"],
+                    "model": t["model"],
+                    "task": t["task"],
+                    "execution": t["execution"],
+                    "dtype": t["dtype"],
+                    "max_batch": t["max_batch"],
+                    "device": t["device"],
+                    "share": t["share"],
+                    "share_applied": self.mode in ("mps", "mps_external"),
+                    "effective_sms": None,
+                    "mps_attached": None,
+                    "exit_code": None,
+                    "load_s": None,
+                    "warmup_s": None,
+                }
+                for name, t in self.cfg["tenants"].items()
+            },
+            "window": {"t0_ns": None, "t1_ns": None},
+            "started_wall": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "ended_wall": None,
+            "started_ns": now,
+            "ended_ns": None,
+            "argv": self.argv,
+            "overrides": self.overrides,
+        }
+        if self.nvml_index is not None:
+            from multitenant.telemetry import gpu_info
+
+            self.manifest["gpu"] = gpu_info(self.nvml_index)
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.run_dir / "manifest.json", self.manifest)
+
+    # -- main ------------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Run the experiment; returns the final status (ok | failed | interrupted)."""
+        if (self.run_dir / "manifest.json").exists():
+            raise RunFailed(f"{self.run_dir} already holds a run; never overwritten: choose another hydra.run.dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "config.resolved.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.cfg, f, sort_keys=False)
+        self._init_manifest()
+        status, reason = "ok", None
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            self._start_mps()
+            self._start_telemetry()
+            self._spawn_all()
+            self._barrier()
+            self._verify_mps()
+            self._announce_window()
+            self._wait_all()
+        except (Interrupted, KeyboardInterrupt) as e:
+            status, reason = "interrupted", f"interrupted by {'SIGINT' if isinstance(e, KeyboardInterrupt) else e}"
+        except RunFailed as e:
+            status, reason = "failed", str(e)
+        except Exception as e:  # a bug in the harness must still clean up and say so
+            log.exception("harness error")
+            status, reason = "failed", f"harness error: {type(e).__name__}: {e}"
+        finally:
+            # Cleanup must finish even if a second Ctrl-C arrives.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                self._cleanup()
+                mps_reason = self._mps_fault_reason() if status == "failed" else None
+                if mps_reason:
+                    reason = f"{reason}; MPS log: {mps_reason}"
+                self.manifest["status"] = status
+                self.manifest["reason"] = reason
+                self.manifest["ended_wall"] = dt.datetime.now(dt.timezone.utc).isoformat()
+                self.manifest["ended_ns"] = time.monotonic_ns()
+                self._save_manifest()
+            finally:
+                signal.signal(signal.SIGTERM, old_term)
+                signal.signal(signal.SIGINT, old_int)
+        return status
+
+    # -- MPS and telemetry -----------------------------------------------------------------
+
+    def _start_mps(self) -> None:
+        if self.mode not in ("mps", "mps_external"):
+            return
+        from multitenant import mps
+
+        assert self.nvml_index is not None or self.visible_entry is not None
+        mcfg = self.cfg["mps"]
+        try:
+            if self.mode == "mps":
+                pipe_dir = Path(mcfg["pipe_dir"]) if mcfg.get("pipe_dir") else mps.default_pipe_dir(
+                    self.nvml_index or 0, self.run_dir.name
+                )
+                log_dir = Path(mcfg["log_dir"]) if mcfg.get("log_dir") else self.run_dir / "mps_log"
+                self.daemon = mps.start_daemon(
+                    pipe_dir, log_dir, self.visible_entry or "0", timeout_s=mcfg["start_timeout_s"]
+                )
+            else:
+                self.daemon = mps.external_daemon(mcfg.get("pipe_dir"), mcfg.get("log_dir"))
+        except mps.MpsError as e:
+            raise RunFailed(str(e)) from None
+        self.manifest["mps"] = {
+            "pipe_dir": str(self.daemon.pipe_dir),
+            "log_dir": str(self.daemon.log_dir) if self.daemon.log_dir else None,
+            "control_pid": self.daemon.control_pid,
+            "server_pids": [],
+            "external": self.daemon.external,
+        }
+        self._save_manifest()
+
+    def _verify_mps(self) -> None:
+        if self.daemon is None:
+            return
+        from multitenant import mps
+
+        pids = {name: tp.popen.pid for name, tp in self.tenants.items()}
+        attached = mps.verify_clients(self.daemon, pids)
+        self.manifest["mps"]["server_pids"] = mps.server_pids(self.daemon)
+        for name, ok in attached.items():
+            self.manifest["tenants"][name]["mps_attached"] = ok
+        self._save_manifest()
+        missing = [n for n, ok in attached.items() if not ok]
+        if missing:
+            raise RunFailed(
+                f"tenant(s) {', '.join(missing)} run WITHOUT MPS (not clients of the server on "
+                f"{self.daemon.pipe_dir}): the CUDA process could not reach the pipe; check that "
+                f"CUDA_MPS_PIPE_DIRECTORY is not overridden and the GPU is not in a compute mode that bypasses MPS"
+            )
+
+    def _mps_fault_reason(self) -> str | None:
+        if self.daemon is None or self.daemon.log_dir is None:
+            return None
+        from multitenant import mps
+
+        errors = mps.read_server_log_errors(self.daemon.log_dir)
+        return errors[0] if errors else None
+
+    def _start_telemetry(self) -> None:
+        from multitenant.telemetry import TelemetrySampler
+
+        self.sampler = TelemetrySampler(
+            self.run_dir / "telemetry.jsonl",
+            self.nvml_index,
+            self.cfg["telemetry_interval_ms"],
+            lambda: {n: tp.popen.pid for n, tp in self.tenants.items() if tp.exit_code is None},
+        )
+        self.sampler.start()
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def _tenant_env(self, t: dict[str, Any]) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.mode == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            # Tenants share the cores; without a cap each would start one thread per core.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.cfg["tenants"]))))
+            return env
+        _, entry = physical_gpu(t["device"])
+        env["CUDA_VISIBLE_DEVICES"] = entry or "0"
+        for key in [k for k in env if k.startswith("CUDA_MPS_")]:
+            del env[key]
+        if self.daemon is not None:
+            from multitenant import mps
+
+            env.update(mps.tenant_env(t["share"], 0, self.daemon.pipe_dir, self.daemon.log_dir))
+        else:
+            # timeslice: a private, daemon-less pipe dir, so the tenant cannot silently attach
+            # to an MPS daemon someone runs at the default /tmp/nvidia-mps.
+            no_mps = self.run_dir / ".no-mps"
+            no_mps.mkdir(exist_ok=True)
+            env["CUDA_MPS_PIPE_DIRECTORY"] = str(no_mps)
+        return env
+
+    def _spawn_all(self) -> None:
+        for name, t in self.cfg["tenants"].items():
+            tdir = self.run_dir / "tenants" / name
+            tdir.mkdir(parents=True, exist_ok=True)
+            spec = {
+                "name": name,
+                "tenant": t,
+                "events_path": str(tdir / "events.jsonl"),
+                "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",
+                "window_timeout_s": self.cfg["ready_timeout_s"] + 60,
+            }
+            spec_path = tdir / "spec.json"
+            spec_path.write_text(json.dumps(spec, indent=2))
+            cmd_r, cmd_w = os.pipe()
+            msg_r, msg_w = os.pipe()
+            stdout = open(tdir / "stdout.log", "wb")
+            stderr = open(tdir / "stderr.log", "wb")
+            try:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "multitenant.tenant", "--spec", str(spec_path),
+                     "--ctl-in", str(cmd_r), "--ctl-out", str(msg_w)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=self._tenant_env(t),
+                    pass_fds=(cmd_r, msg_w),
+                    start_new_session=True,  # own process group: stopped as a whole, immune to the terminal's ^C
+                    cwd=os.getcwd(),
+                )
+            finally:
+                os.close(cmd_r)
+                os.close(msg_w)
+                stdout.close()
+                stderr.close()
+            os.set_blocking(msg_r, False)
+            tp = TenantProc(name, t, tdir, popen, os.fdopen(cmd_w, "w"), msg_r, tdir / "stderr.log")
+            self.tenants[name] = tp
+            self.selector.register(msg_r, selectors.EVENT_READ, tp)
+            self.manifest["tenants"][name]["pid"] = popen.pid
+            log.info("tenant %s started, pid %d", name, popen.pid)
+        self._save_manifest()
+
+    def _pump(self, timeout_s: float) -> None:
+        """Read tenant messages for up to ``timeout_s`` and reap exited tenants."""
+        for key, _ in self.selector.select(timeout_s):
+            tp: TenantProc = key.data
+            try:
+                chunk = os.read(tp.msg_fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self.selector.unregister(tp.msg_fd)
+                continue
+            tp._buf += chunk
+            *lines, tp._buf = tp._buf.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self._on_message(tp, json.loads(line))
+        for tp in self.tenants.values():
+            if tp.exit_code is None and (rc := tp.popen.poll()) is not None:
+                tp.exit_code = rc
+                self.manifest["tenants"][tp.name]["exit_code"] = rc
+                if rc != 0 and tp.state != "failed":
+                    tp.state = "failed"
+                elif tp.state != "failed":
+                    tp.state = "finished"
+        if self.progress is not None:
+            self.progress.update(self)
+
+    progress: Any = None  # ui.LiveProgress, set by the caller
+
+    def _on_message(self, tp: TenantProc, msg: dict[str, Any]) -> None:
+        kind = msg.get("msg")
+        if kind == "ready":
+            tp.state = "ready"
+            tp.ready_info = msg
+            m = self.manifest["tenants"][tp.name]
+            m["load_s"], m["warmup_s"], m["effective_sms"] = msg.get("load_s"), msg.get("warmup_s"), msg.get("sms")
+            log.info("tenant %s ready (load %.1fs, warm-up %.1fs)", tp.name, msg["load_s"], msg["warmup_s"])
+        elif kind == "progress":
+            tp.progress = msg
+        elif kind == "error":
+            tp.error = msg.get("error")
+            tp.state = "failed"
+        elif kind == "finished":
+            tp.final_status = msg.get("status")
+            tp.progress = msg.get("counts") or tp.progress
+
+    def _first_failure(self) -> str | None:
+        failed = [tp for tp in self.tenants.values() if tp.state == "failed" or (tp.exit_code not in (None, 0))]
+        if not failed:
+            return None
+        tp = failed[0]
+        why = last_line(tp.stderr_path) or tp.error or "no output on stderr"
+        code = f"exit code {tp.exit_code}" if tp.exit_code is not None else "reported an error"
+        if tp.exit_code is not None and tp.exit_code < 0:
+            code = f"killed by signal {-tp.exit_code}"
+        reason = f"tenant {tp.name} failed ({code}): {why}"
+        limit = tp.cfg["share"].get("pinned_mem_limit")
+        if limit and self.daemon is not None and "out of memory" in why.lower():
+            reason += f" (its MPS pinned_mem_limit is {limit})"
+        return reason
+
+    def _barrier(self) -> None:
+        deadline = time.monotonic() + self.cfg["ready_timeout_s"]
+        while not all(tp.state == "ready" for tp in self.tenants.values()):
+            self._pump(POLL_S)
+            if (why := self._first_failure()) is not None:
+                raise RunFailed(why)
+            exited = [tp.name for tp in self.tenants.values() if tp.exit_code is not None]
+            if exited:
+                raise RunFailed(f"tenant {exited[0]} exited before it was ready: {last_line(self.tenants[exited[0]].stderr_path)}")
+            if time.monotonic() > deadline:
+                late = [tp.name for tp in self.tenants.values() if tp.state != "ready"]
+                raise RunFailed(
+                    f"tenant(s) {', '.join(late)} not ready after ready_timeout_s={self.cfg['ready_timeout_s']}; "
+                    "raise ready_timeout_s or look at their stderr.log"
+                )
+
+    def _announce_window(self) -> None:
+        t0 = time.monotonic_ns() + int(self.cfg["window_lead_s"] * 1e9)
+        ends: list[int | None] = []
+        for tp in self.tenants.values():
+            wl = tp.cfg["workload"]
+            t0_i = t0 + int(wl["start_delay_s"] * 1e9)
+            t1_i = t0_i + int(wl["duration_s"] * 1e9) if wl["duration_s"] is not None else None
+            ends.append(t1_i)
+            tp.send("window", t0=t0_i, t1=t1_i)
+            tp.state = "running"
+        t1 = None if any(e is None for e in ends) else min(e for e in ends if e is not None)
+        self.window = (t0, t1)
+        self.manifest["window"] = {"t0_ns": t0, "t1_ns": t1}
+        self._save_manifest()
+
+    def _wait_all(self) -> None:
+        ends = [tp.cfg["workload"]["duration_s"] for tp in self.tenants.values()]
+        deadline_ns: int | None = None
+        if self.window is not None and all(d is not None for d in ends):
+            longest = max(
+                tp.cfg["workload"]["start_delay_s"] + tp.cfg["workload"]["duration_s"] for tp in self.tenants.values()
+            )
+            deadline_ns = self.window[0] + int((longest + self.cfg["stop_timeout_s"]) * 1e9)
+        while any(tp.exit_code is None for tp in self.tenants.values()):
+            self._pump(POLL_S)
+            if (why := self._first_failure()) is not None:
+                raise RunFailed(why)
+            if deadline_ns is not None and time.monotonic_ns() > deadline_ns:
+                late = [tp.name for tp in self.tenants.values() if tp.exit_code is None]
+                raise RunFailed(f"tenant(s) {', '.join(late)} did not finish within stop_timeout_s after their window")
+        self._pump(0)  # last messages
+        if (why := self._first_failure()) is not None:
+            raise RunFailed(why)
+        not_ok = [tp.name for tp in self.tenants.values() if tp.final_status not in ("ok", None)]
+        if not_ok:
+            raise RunFailed(f"tenant(s) {', '.join(not_ok)} ended with status {self.tenants[not_ok[0]].final_status}")
+
+    # -- cleanup ---------------------------------------------------------------------------
+
+    def _cleanup(self) -> None:
+        alive = [tp for tp in self.tenants.values() if tp.popen.poll() is None]
+        for tp in alive:
+            tp.send("stop")
+        self._wait_exit(alive, STOP_GRACE_S)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            # The group, not just the pid: a tenant's own children (compile workers, a server)
+            # must not outlive it. Signalling the group also catches children of an exited leader.
+            for tp in self.tenants.values():
+                try:
+                    os.killpg(tp.popen.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self._wait_exit(list(self.tenants.values()), STOP_GRACE_S if sig == signal.SIGTERM else 10.0)
+        for tp in self.tenants.values():
+            if tp.exit_code is None:
+                tp.exit_code = tp.popen.poll()
+                self.manifest["tenants"][tp.name]["exit_code"] = tp.exit_code
+            try:
+                tp.cmd_pipe.close()
+            except OSError:
+                pass
+            try:
+                self.selector.unregister(tp.msg_fd)
+            except (KeyError, ValueError):
+                pass
+            os.close(tp.msg_fd)
+        self.selector.close()
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.daemon is not None:
+            from multitenant import mps
+
+            try:
+                mps.stop_daemon(self.daemon, timeout_s=self.cfg["mps"]["stop_timeout_s"])
+            except Exception as e:  # never let a daemon problem hide the run's own status
+                log.error("stopping the MPS daemon failed: %s", e)
+                self.manifest.setdefault("cleanup_errors", []).append(f"mps stop: {e}")
+
+    def _wait_exit(self, tenants: list[TenantProc], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(tp.popen.poll() is not None and not _group_alive(tp.popen.pid) for tp in tenants):
+                return
+            self._pump(POLL_S) if self.selector.get_map() else time.sleep(POLL_S)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)

@@ -160,13 +160,14 @@ class RequestLoop:
         batch: list[RequestSpec] = []
         got: list[int] = []
         w = self.w
+        generates = self.task == "generate"
 
         def admit(t: int) -> None:
             nonlocal next_sched, issued, in_flight
             if closed:
                 while in_flight < arrival["concurrency"] and (max_requests is None or issued < max_requests):
                     req = self.source.next()
-                    w.emit(EV_SCHED, t, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out)
+                    w.emit(EV_SCHED, t, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out if generates else 0)
                     w.emit(EV_SENT, t, rid=req.rid)
                     waiting.append(req)
                     issued += 1
@@ -177,7 +178,7 @@ class RequestLoop:
                 next_sched += 1
             new = [self.source.next() for _ in range(next_sched - first)]
             for req, ts in zip(new, schedule[first:next_sched], strict=True):
-                w.emit(EV_SCHED, ts, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out)
+                w.emit(EV_SCHED, ts, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out if generates else 0)
             for req in new:
                 w.emit(EV_SENT, t, rid=req.rid)
                 waiting.append(req)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the repository root and a Hydra-composed experiment as plain data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def compose_plain(config_name: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Compose a config from configs/ the way mt-run does, as a plain resolved dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from multitenant.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base=None, config_dir=str(CONFIGS)):
+        cfg = compose(config_name=config_name, overrides=overrides or [])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    return plain
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def mt_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running mt-run in a subprocess from the repository root."""
+    env = dict(os.environ)
+    env["MT_CONFIG_DIR"] = str(CONFIGS)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

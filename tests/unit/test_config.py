@@ -1,0 +1,163 @@
+"""Config validation: every bad value is one ConfigError naming the field and the fix."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from multitenant.config import ConfigError, apply_split, parse_pinned_mem_limit, validate
+from tests.conftest import compose_plain
+
+
+@pytest.fixture(scope="module")
+def pair() -> dict[str, Any]:
+    return compose_plain("multitenant/pair_tiny")
+
+
+@pytest.fixture(scope="module")
+def gpu_pair() -> dict[str, Any]:
+    return compose_plain("multitenant/pair_llama1b")
+
+
+def bad(cfg: dict[str, Any], path: str, value: Any) -> ConfigError:
+    cfg = copy.deepcopy(cfg)
+    node = cfg
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as ei:
+        validate(cfg)
+    msg = str(ei.value)
+    assert "\n" not in msg, "errors are one line"
+    assert ";" in msg, "errors say how to fix the problem"
+    return ei.value
+
+
+def test_example_configs_validate(pair: dict[str, Any], gpu_pair: dict[str, Any]) -> None:
+    out = validate(copy.deepcopy(pair))
+    assert out["tenants"]["a"]["device"] == "cpu"
+    out = validate(copy.deepcopy(gpu_pair))
+    assert out["tenants"]["a"]["device"] == "cuda:0"
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        ("tenants.a.model", "synthetic:no-such-arch", "tenants.a.model"),
+        ("tenants.a.model", "./no/such/dir", "tenants.a.model"),
+        ("tenants.a.backend", "tgi", "tenants.a.backend"),
+        ("tenants.a.task", "train", "tenants.a.task"),
+        ("tenants.a.execution", "jit", "tenants.a.execution"),
+        ("tenants.a.dtype", "int3", "tenants.a.dtype"),
+        ("tenants.a.max_batch", 0, "tenants.a.max_batch"),
+        ("tenants.a.workload.dataset.input_len", 0, "tenants.a.workload.dataset.input_len"),
+        ("tenants.a.workload.dataset.output_len", -5, "tenants.a.workload.dataset.output_len"),
+        ("tenants.a.workload.dataset.range_ratio", 1.0, "tenants.a.workload.dataset.range_ratio"),
+        ("tenants.a.workload.dataset.kind", "sharegpt", "tenants.a.workload.dataset.kind"),
+        ("tenants.a.workload.arrival.kind", "burst", "tenants.a.workload.arrival.kind"),
+        ("tenants.a.workload.arrival.concurrency", 0, "tenants.a.workload.arrival.concurrency"),
+        ("tenants.a.workload.duration_s", -1.0, "tenants.a.workload.duration_s"),
+        ("tenants.a.workload.num_requests", 0, "tenants.a.workload.num_requests"),
+        ("tenants.a.workload.warmup_requests", -1, "tenants.a.workload.warmup_requests"),
+        ("tenants.a.workload.start_delay_s", -0.5, "tenants.a.workload.start_delay_s"),
+        ("mode", "mig", "mode"),
+        ("ready_timeout_s", 0, "ready_timeout_s"),
+        ("telemetry_interval_ms", 1, "telemetry_interval_ms"),
+    ],
+)
+def test_bad_values_name_the_field(pair: dict[str, Any], path: str, value: Any, field: str) -> None:
+    err = bad(pair, path, value)
+    assert str(err).startswith(field), str(err)
+
+
+def test_open_loop_needs_positive_rate(pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["workload"]["arrival"].update(kind="poisson", rate=0.0)
+    with pytest.raises(ConfigError, match=r"^tenants\.a\.workload\.arrival\.rate"):
+        validate(cfg)
+    cfg["tenants"]["a"]["workload"]["arrival"].update(kind="gamma", rate=2.0, burstiness=-1.0)
+    with pytest.raises(ConfigError, match=r"burstiness"):
+        validate(cfg)
+
+
+def test_tenant_needs_a_stop_condition(pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["workload"].update(duration_s=None, num_requests=None)
+    with pytest.raises(ConfigError, match="neither num_requests nor duration_s"):
+        validate(cfg)
+
+
+def test_jsonl_dataset_must_exist(pair: dict[str, Any], tmp_path: Any) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["workload"]["dataset"].update(kind="jsonl", path=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(cfg)
+
+
+def test_bad_tenant_name(pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["../evil"] = cfg["tenants"].pop("a")
+    with pytest.raises(ConfigError, match="folder name"):
+        validate(cfg)
+
+
+def test_no_tenants(pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"] = {}
+    with pytest.raises(ConfigError, match="no tenant"):
+        validate(cfg)
+
+
+def test_graphs_refused_on_cpu(pair: dict[str, Any]) -> None:
+    err = bad(pair, "tenants.a.execution", "graphs")
+    assert "execution=eager" in str(err)
+
+
+def test_gpu_mode_needs_gpu_device(gpu_pair: dict[str, Any]) -> None:
+    bad(gpu_pair, "device", "cpu")
+    bad(gpu_pair, "device", "tpu:0")
+
+
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        ("tenants.a.share.active_thread_pct", 0),
+        ("tenants.a.share.active_thread_pct", 101),
+        ("tenants.a.share.priority", 2),
+        ("tenants.a.share.pinned_mem_limit", "lots"),
+        ("tenants.a.share.pinned_mem_limit", "0G"),
+    ],
+)
+def test_share_out_of_range_rejected(gpu_pair: dict[str, Any], path: str, value: Any) -> None:
+    bad(gpu_pair, path, value)
+
+
+def test_share_sum_over_100_is_allowed(gpu_pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(gpu_pair)
+    cfg["tenants"]["a"]["share"]["active_thread_pct"] = 80
+    cfg["tenants"]["b"]["share"]["active_thread_pct"] = 80
+    out = validate(cfg)
+    assert out["active_thread_pct_sum"] == 160
+
+
+def test_split_spreads_percentages_in_order(gpu_pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(gpu_pair)
+    cfg["split"] = "70/30"
+    out = validate(cfg)
+    assert [t["share"]["active_thread_pct"] for t in out["tenants"].values()] == [70, 30]
+    for split in ("70", "70/30/10", "a/b"):
+        cfg = copy.deepcopy(gpu_pair)
+        cfg["split"] = split
+        with pytest.raises(ConfigError, match="^split"):
+            apply_split(cfg)
+
+
+@pytest.mark.parametrize(
+    "given,dev,expected",
+    [("20G", 0, "0=20G"), ("512m", 1, "1=512M"), ("0=20G", 3, "0=20G"), ("1.5GB", 0, "0=1.5G")],
+)
+def test_pinned_mem_limit_normalised(given: str, dev: int, expected: str) -> None:
+    assert parse_pinned_mem_limit(given, dev) == expected

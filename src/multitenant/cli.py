@@ -30,6 +30,7 @@ DEFAULT_HYDRA_OVERRIDES = (
 )
 
 _exit_codes: list[int] = []
+_task_calls: list[str] = []  # one entry per job Hydra started
 log = logging.getLogger("multitenant")
 
 
@@ -74,6 +75,7 @@ def run_experiment_task(cfg: Any) -> int:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    _task_calls.append(str(run_dir))
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         assert isinstance(plain, dict)
@@ -142,6 +144,12 @@ def run_main() -> None:
         task()
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as e:
+        # Hydra reports a config it cannot compose (unknown key, wrong type, missing file) on
+        # stderr and exits 1 before any job starts: that is a configuration error, exit 2.
+        if e.code not in (0, None) and not _task_calls:
+            sys.exit(EXIT_CONFIG)
+        raise
     sys.exit(max(_exit_codes) if _exit_codes else EXIT_OK)
 
 

@@ -1,0 +1,192 @@
+"""pair_tiny end to end on the CPU: real processes, real tiny Llama, real event files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from multitenant.events import read_events
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["progress=false", "tenants.a.workload.duration_s=3", "tenants.b.workload.duration_s=3"]
+
+
+def mt_run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "multitenant.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tenant_pids_alive(manifest: dict[str, Any]) -> list[int]:
+    alive = []
+    for t in manifest["tenants"].values():
+        pid = t["pid"]
+        if pid is None:
+            continue
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+        try:  # nothing left in the tenant's process group either
+            os.killpg(pid, 0)
+            alive.append(-pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def check_events(path: Path) -> dict[str, Any]:
+    events = read_events(path)
+    assert events[0]["ev"] == "run_start" and events[0]["schema"] == 1
+    ts = [e["t"] for e in events]
+    assert ts == sorted(ts), f"t decreases in {path}"
+    kinds = [e["ev"] for e in events]
+    assert kinds.index("ready") < kinds.index("window")
+    per: dict[int, dict[str, Any]] = defaultdict(lambda: {"tok": 0})
+    for e in events:
+        if e["ev"] == "tok":
+            for rid, n in zip(e["rid"], e["n"], strict=True):
+                per[rid]["tok"] += n
+        elif e["ev"] in ("sched", "sent", "done"):
+            per[e["rid"]][e["ev"]] = e
+    for rid, r in per.items():
+        assert "sent" in r and "done" in r, f"request {rid}: every sent has a done"
+        assert r["tok"] == r["done"]["n_out"], f"request {rid}: tok counts equal n_out"
+    return {"events": events, "requests": per}
+
+
+def test_pair_tiny_end_to_end(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "run"
+    t_start = time.monotonic()
+    res = mt_run(["--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}", *SHORT], mt_env, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert time.monotonic() - t_start < 60, "pair_tiny runs in under a minute"
+    # Folder contract (DESIGN.md).
+    for rel in (".hydra/config.yaml", ".hydra/overrides.yaml", "config.resolved.yaml", "manifest.json", "telemetry.jsonl"):
+        assert (run_dir / rel).is_file(), rel
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "ok" and m["reason"] is None and m["mode"] == "cpu"
+    assert m["schema_version"] == 1 and m["run_id"] and m["ended_wall"]
+    assert m["window"]["t0_ns"] < m["window"]["t1_ns"]
+    assert m["packages"]["torch"] and m["packages"]["multitenant"]
+    window_t0 = m["window"]["t0_ns"]
+    for name in ("a", "b"):
+        tdir = run_dir / "tenants" / name
+        assert (tdir / "stdout.log").is_file() and (tdir / "stderr.log").is_file()
+        got = check_events(tdir / "events.jsonl")
+        assert m["tenants"][name]["exit_code"] == 0 and m["tenants"][name]["load_s"] is not None
+        ev = got["events"]
+        assert ev[-1]["ev"] == "run_end" and ev[-1]["status"] == "ok"
+        window = next(e for e in ev if e["ev"] == "window")
+        assert window["t0"] == window_t0 and window["t1"] == window_t0 + 3_000_000_000
+        measured = [r for r in got["requests"].values() if r["sent"]["t"] >= window_t0]
+        assert sum(r["done"]["status"] == "ok" for r in measured) >= 4, "the tenant made progress"
+        assert ev[-1]["counts"]["tokens"] > 0
+    # Both tenants shared one clock: their measured phases overlap.
+    tel = [json.loads(x) for x in (run_dir / "telemetry.jsonl").read_text().splitlines()]
+    assert len(tel) >= 10 and set(tel[len(tel) // 2]["tenant_cpu_pct"]) == {"a", "b"}
+    assert tenant_pids_alive(m) == []
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text("{}")
+    res = mt_run(["--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}", *SHORT], mt_env, tmp_path)
+    assert res.returncode == 2
+    assert "never overwritten" in res.stderr
+    assert (run_dir / "manifest.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("tenants.a.max_batch=0", "tenants.a.max_batch"),
+        ("tenants.b.model=synthetic:nope", "tenants.b.model"),
+        ("tenants.a.workload.arrival.kind=bursty", "tenants.a.workload.arrival.kind"),
+        ("tenants.a.no_such_key=1", "no_such_key"),
+    ],
+)
+def test_bad_config_exits_2_before_anything_starts(tmp_path: Path, mt_env: dict[str, str], override: str, needle: str) -> None:
+    run_dir = tmp_path / "run"
+    res = mt_run(["--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}", override], mt_env, tmp_path, 60)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr
+    assert not run_dir.exists() or not (run_dir / "manifest.json").exists()
+
+
+def test_tenant_failing_to_load_fails_the_run(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "run"
+    env = dict(mt_env, HF_HUB_OFFLINE="1")
+    res = mt_run(
+        ["--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}", *SHORT,
+         "tenants.b.model=no-such-org/no-such-model"], env, tmp_path
+    )
+    assert res.returncode == 1
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "failed"
+    assert m["reason"].startswith("tenant b failed"), m["reason"]
+    assert "no-such-model" in m["reason"] or "no-such-org" in m["reason"]
+    assert tenant_pids_alive(m) == []
+    check_events(run_dir / "tenants" / "a" / "events.jsonl")
+
+
+def start_and_wait_for_window(run_dir: Path, env: dict[str, str], cwd: Path, duration: int = 30) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "multitenant.cli", "--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}",
+         "progress=false", f"tenants.a.workload.duration_s={duration}", f"tenants.b.workload.duration_s={duration}"],
+        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        mp = run_dir / "manifest.json"
+        if mp.exists():
+            m = json.loads(mp.read_text())
+            if m["window"]["t0_ns"] and time.monotonic_ns() > m["window"]["t0_ns"] + 1_000_000_000:
+                return proc, m
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the window never opened")
+
+
+def test_tenant_killed_mid_window(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "run"
+    proc, m = start_and_wait_for_window(run_dir, mt_env, tmp_path)
+    os.kill(m["tenants"]["b"]["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "failed" and "tenant b failed (killed by signal 9)" in m["reason"]
+    assert tenant_pids_alive(m) == []
+    a = check_events(run_dir / "tenants" / "a" / "events.jsonl")
+    assert a["events"][-1]["ev"] == "run_end" and a["events"][-1]["status"] == "interrupted"
+    b = read_events(run_dir / "tenants" / "b" / "events.jsonl")
+    assert any(e["ev"] == "tok" for e in b), "events b produced before the kill are readable"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_mt_run_interrupts_cleanly(tmp_path: Path, mt_env: dict[str, str], sig: int) -> None:
+    run_dir = tmp_path / "run"
+    proc, m = start_and_wait_for_window(run_dir, mt_env, tmp_path)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "interrupted" and m["reason"]
+    assert tenant_pids_alive(m) == []
+    for name in ("a", "b"):
+        ev = check_events(run_dir / "tenants" / name / "events.jsonl")["events"]
+        assert ev[-1]["ev"] == "run_end" and ev[-1]["status"] == "interrupted"

@@ -1,0 +1,358 @@
+"""multitenant.mps on a CPU machine: environment, parsing, and the daemon lifecycle against a
+test double of nvidia-cuda-mps-control (tests/unit/fake_mps). The real binary is exercised by
+tests/gpu/test_mps.py on a GPU machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from multitenant import mps
+from multitenant.mps import MpsDaemon, MpsError
+
+FAKE_DIR = Path(__file__).resolve().parent / "fake_mps"
+
+# Output of the real nvidia-cuda-mps-control (driver 580, H100), captured by
+# scripts/gpu_mps_probe.sh; see docs/validation/mps-probe-h100.md.
+REAL_SERVER_LIST = "4242\n"
+REAL_SERVER_LIST_EMPTY = ""
+REAL_CLIENT_LIST = "5101\n5102\n"
+REAL_NO_DAEMON = "Cannot find MPS control daemon process\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+
+def test_tenant_env_mps_sets_exactly_the_given_share(tmp_path: Path) -> None:
+    share = {"active_thread_pct": 30, "pinned_mem_limit": "0=20G", "priority": 1}
+    env = mps.tenant_env(share, 0, tmp_path / "pipe", tmp_path / "log")
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "pipe")
+    assert env["CUDA_MPS_LOG_DIRECTORY"] == str(tmp_path / "log")
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=20G"
+    assert env["CUDA_MPS_CLIENT_PRIORITY"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in env  # the daemon's GPU is the client's device 0
+
+    bare = mps.tenant_env({"active_thread_pct": None, "pinned_mem_limit": None, "priority": None}, 0, tmp_path, None)
+    assert not any(k in bare for k in mps.CLIENT_KNOBS)
+    assert "CUDA_MPS_LOG_DIRECTORY" not in bare
+    assert mps.tenant_env({"priority": 0}, 0, tmp_path, None)["CUDA_MPS_CLIENT_PRIORITY"] == "0"
+
+
+@pytest.mark.parametrize(
+    "share",
+    [{"active_thread_pct": 0}, {"active_thread_pct": 101}, {"priority": 2}, {"pinned_mem_limit": "20G"}],
+)
+def test_tenant_env_rejects_bad_share(share: dict, tmp_path: Path) -> None:
+    with pytest.raises(MpsError, match=";"):
+        mps.tenant_env(share, 0, tmp_path, None)
+
+
+def test_tenant_env_timeslice_pins_the_gpu_and_no_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    env = mps.tenant_env({"active_thread_pct": 50}, 1, None, None)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in env  # not applied without MPS
+    pipe = Path(env["CUDA_MPS_PIPE_DIRECTORY"])
+    assert not pipe.exists() and pipe != Path("/tmp/nvidia-mps")
+
+
+def test_physical_device_follows_the_harness_visible_devices() -> None:
+    assert mps.physical_device(1, {}) == "1"
+    assert mps.physical_device(1, {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"
+    assert mps.physical_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-abc, GPU-def"}) == "GPU-abc"
+    with pytest.raises(MpsError, match="CUDA_VISIBLE_DEVICES"):
+        mps.physical_device(2, {"CUDA_VISIBLE_DEVICES": "2,3"})
+
+
+def test_child_env_drops_inherited_mps_and_visible_devices() -> None:
+    base = {
+        "PATH": "/bin",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "CUDA_MPS_PIPE_DIRECTORY": "/tmp/nvidia-mps",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "10",
+    }
+    env = mps.child_env(base, {"CUDA_MPS_PIPE_DIRECTORY": "/p"})
+    assert env == {"PATH": "/bin", "CUDA_MPS_PIPE_DIRECTORY": "/p"}
+
+
+def test_default_pipe_dir_is_private_short_and_unique(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    p = mps.default_pipe_dir(0, "2026-11-22/pair:tiny")
+    assert p.parent == tmp_path / "st" and p.name == "2026-11-22_pair_tiny-gpu0"
+    assert oct(os.stat(tmp_path / "st").st_mode & 0o777) == "0o700"
+    long_a, long_b = mps.default_pipe_dir(0, "x" * 200 + "a"), mps.default_pipe_dir(0, "x" * 200 + "b")
+    assert long_a != long_b and len(long_a.name) < 60
+
+
+def test_state_root_refuses_a_symlink(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "link"))
+    with pytest.raises(MpsError, match="not a directory owned by you"):
+        mps.state_root()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def test_parse_pid_lines_real_formats() -> None:
+    assert mps.parse_pid_lines(REAL_SERVER_LIST) == [4242]
+    assert mps.parse_pid_lines(REAL_SERVER_LIST_EMPTY) == []
+    assert mps.parse_pid_lines(REAL_CLIENT_LIST) == [5101, 5102]
+    assert mps.parse_pid_lines(REAL_NO_DAEMON) == []
+    # An error line with digits in it is not a PID; duplicates and blank lines are dropped.
+    assert mps.parse_pid_lines("Invalid server pid 77\n\n 12 \n12\n") == [12]
+
+
+def test_control_reply_tells_no_daemon_from_an_answer() -> None:
+    assert not mps.ControlReply(1, REAL_NO_DAEMON, "").answered
+    assert not mps.ControlReply(0, REAL_NO_DAEMON, "").answered
+    assert not mps.ControlReply(None, "", "").answered
+    assert mps.ControlReply(0, REAL_SERVER_LIST, "").answered
+
+
+def test_read_server_log_errors_finds_faults_in_time_order(tmp_path: Path) -> None:
+    (tmp_path / "control.log").write_text(
+        "[2026-11-22 10:00:00.100 Control  100] Starting control daemon using socket /p/control\n"
+        "[2026-11-22 10:00:01.000 Control  100] User did not send valid credentials\n"
+        "[2026-11-22 10:00:05.000 Control  100] Server 200 exited with status 1\n"
+    )
+    (tmp_path / "server.log").write_text(
+        "[2026-11-22 10:00:02.000 Server  200] New client 300 connected\n"
+        "[2026-11-22 10:00:03.000 Server  200] Client 300 encountered a fatal GPU error\n"
+        "[2026-11-22 10:00:04.000 Server  200] Client 301 disconnected\n"
+    )
+    errors = mps.read_server_log_errors(tmp_path)
+    assert errors[0].endswith("Client 300 encountered a fatal GPU error")
+    assert len(errors) == 2 and "exited with status 1" in errors[1]
+    assert mps.read_server_log_errors(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle against the test double
+
+
+def _fake_processes(tag: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            ours = any(str(FAKE_DIR) in c for c in p.info["cmdline"] or []) and p.environ().get("FAKE_MPS_TAG") == tag
+            if ours and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The test double first on PATH, a private state dir; afterwards no fake process may live."""
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("PATH", f"{FAKE_DIR}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv(mps.CONTROL_BIN_ENV, raising=False)
+    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    monkeypatch.setenv("FAKE_MPS_TAG", tag)
+    monkeypatch.delenv("FAKE_MPS_WEDGE", raising=False)
+    yield tmp_path
+    survivors = _fake_processes(tag)
+    for p in survivors:
+        p.kill()
+    assert not survivors, f"fake MPS processes survived the test: {[p.cmdline() for p in survivors]}"
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen]:
+    """A stand-in tenant process."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def _attach(d: MpsDaemon, pid: int) -> int:
+    reply = mps.control_command(d.pipe_dir, f"fake_attach {pid}", 5.0)
+    assert reply.returncode == 0, reply
+    return int(reply.stdout)
+
+
+def _start(root: Path, name: str = "r1") -> MpsDaemon:
+    return mps.start_daemon(root / "st" / f"{name}-gpu0", root / "log", 0, timeout_s=10)
+
+
+def test_start_answers_records_and_stop_cleans_up(fake: Path) -> None:
+    d = _start(fake)
+    assert mps.daemon_answers(d.pipe_dir)
+    assert d.control_pid is not None and psutil.pid_exists(d.control_pid)
+    assert (d.pipe_dir / mps.HARNESS_RECORD).is_file()
+    assert [x.pipe_dir for x in mps.harness_daemons()] == [d.pipe_dir]
+    assert mps.server_pids(d) == []  # the server starts with the first client
+    assert "Starting control daemon" in (fake / "log" / "control.log").read_text()
+
+    res = mps.stop_daemon(d, timeout_s=5)
+    assert res.clean and res.actions == ["quit"], res
+    assert not psutil.pid_exists(d.control_pid) or psutil.Process(d.control_pid).status() == "zombie"
+    assert not d.pipe_dir.exists()  # under the state root: removed
+    assert mps.harness_daemons() == []
+    again = mps.stop_daemon(d, timeout_s=5)
+    assert again.clean and again.actions == ["already stopped"]
+
+
+def test_daemon_env_pins_the_gpu_and_drops_client_knobs(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "10")
+    d = mps.start_daemon(fake / "st" / "e-gpu1", fake / "log", 1, timeout_s=10)
+    try:
+        env = psutil.Process(d.control_pid).environ()
+        assert env["CUDA_VISIBLE_DEVICES"] == "7"
+        assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(d.pipe_dir)
+        assert env["CUDA_MPS_LOG_DIRECTORY"] == str(fake / "log")
+        assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in env
+    finally:
+        assert mps.stop_daemon(d, 5).clean
+    # A str is the already-mapped CUDA_VISIBLE_DEVICES entry (e.g. a UUID).
+    d = mps.start_daemon(fake / "st" / "u-gpu", fake / "log", "GPU-1234", timeout_s=10)
+    try:
+        assert psutil.Process(d.control_pid).environ()["CUDA_VISIBLE_DEVICES"] == "GPU-1234"
+    finally:
+        assert mps.stop_daemon(d, 5).clean
+
+
+def test_refuses_when_a_daemon_already_answers(fake: Path) -> None:
+    d = _start(fake)
+    try:
+        with pytest.raises(MpsError, match=r"already answers .*mt-mps stop"):
+            _start(fake)
+    finally:
+        assert mps.stop_daemon(d, 5).clean
+
+
+def test_missing_binary_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(mps.CONTROL_BIN_ENV, str(tmp_path / "nope"))
+    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    with pytest.raises(MpsError, match=r"not found .*MT_MPS_CONTROL_BIN"):
+        mps.start_daemon(tmp_path / "st" / "p", tmp_path / "log", 0)
+
+
+def test_socket_path_limit(fake: Path) -> None:
+    with pytest.raises(MpsError, match="too long for a unix socket"):
+        mps.start_daemon(fake / ("x" * 120), fake / "log", 0)
+
+
+def test_no_daemon_is_answered_quickly(fake: Path) -> None:
+    t0 = time.monotonic()
+    assert not mps.daemon_answers(fake / "nothing-here", timeout_s=5)
+    (fake / "empty").mkdir()
+    assert not mps.daemon_answers(fake / "empty", timeout_s=5)
+    assert time.monotonic() - t0 < 2.0
+    with pytest.raises(MpsError, match="no MPS control daemon answers"):
+        mps.server_pids(MpsDaemon(fake / "empty", fake, None, False, True))
+
+
+def test_verify_clients_and_descendants(fake: Path, sleeper: subprocess.Popen) -> None:
+    d = _start(fake)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"]
+    )
+    outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        srv = _attach(d, sleeper.pid)
+        deadline = time.monotonic() + 5
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _attach(d, psutil.Process(parent.pid).children()[0].pid)
+        assert mps.server_pids(d) == [srv] and d.server_pids_seen == [srv]
+        assert mps.client_pids(d, srv)[0] == sleeper.pid
+        ok = mps.verify_clients(d, {"a": sleeper.pid, "wrapped": parent.pid, "fallback": outsider.pid})
+        assert ok == {"a": True, "wrapped": True, "fallback": False}
+        assert "fallback run WITHOUT MPS" in mps.unattached_message(["fallback"], d)
+        assert mps.manifest_block(d)["server_pids"] == [srv]
+    finally:
+        res = mps.stop_daemon(d, 5)
+        for p in (parent, outsider):
+            for c in psutil.Process(p.pid).children(recursive=True):
+                c.kill()
+            p.kill()
+            p.wait()
+    assert res.clean, res
+    assert not psutil.pid_exists(srv) or psutil.Process(srv).status() == "zombie"
+
+
+def test_wedged_server_terminates_clients_through_the_daemon(
+    fake: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MPS_WEDGE", "clients")
+    d = _start(fake)
+    srv = _attach(d, sleeper.pid)
+    res = mps.stop_daemon(d, timeout_s=4)
+    assert res.clean, res
+    assert f"terminate_client {srv} {sleeper.pid}: 0" in res.actions
+    assert not any(a.startswith("SIG") for a in res.actions)  # no kill was needed
+    assert sleeper.wait(timeout=5) == -signal.SIGTERM
+
+
+def test_hard_wedge_kills_only_the_daemon_and_its_server(
+    fake: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MPS_WEDGE", "hard")
+    d = _start(fake)
+    srv = _attach(d, sleeper.pid)
+    assert mps.server_pids(d) == [srv]
+    res = mps.stop_daemon(d, timeout_s=4)
+    assert res.clean, res
+    assert f"SIGKILL {d.control_pid}" in res.actions and f"SIGKILL {srv}" in res.actions
+    assert sleeper.poll() is None  # the tenant is the orchestrator's to stop, not ours
+    assert mps.harness_daemons() == []
+
+
+def test_stale_socket_of_a_killed_daemon_is_replaced(fake: Path) -> None:
+    d = _start(fake)
+    os.kill(d.control_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(d.control_pid) and psutil.Process(d.control_pid).status() != "zombie":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (d.pipe_dir / "control").exists() and not mps.daemon_answers(d.pipe_dir, 5)
+    d2 = _start(fake)
+    assert d2.control_pid != d.control_pid and mps.daemon_answers(d2.pipe_dir)
+    assert mps.stop_daemon(d2, 5).clean
+
+
+def test_external_daemon_is_never_stopped(fake: Path) -> None:
+    with pytest.raises(MpsError, match="mps_external but no MPS control daemon"):
+        mps.external_daemon(fake / "none")
+    own = _start(fake)
+    try:
+        ext = mps.external_daemon(own.pipe_dir)
+        assert ext.external and not ext.started_by_harness and ext.control_pid == own.control_pid
+        res = mps.stop_daemon(ext, 5)
+        assert res.clean and mps.daemon_answers(own.pipe_dir)
+    finally:
+        assert mps.stop_daemon(own, 5).clean
+
+
+def test_cli_status_and_stop(fake: Path, sleeper: subprocess.Popen, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mps.cli_main(["status"]) == 0
+    d1, d2 = _start(fake, "a"), _start(fake, "b")
+    srv = _attach(d1, sleeper.pid)
+    assert mps.cli_main(["status"]) == 1
+    out = capsys.readouterr().out
+    assert str(d1.pipe_dir) in out and str(d2.pipe_dir) in out and f"server {srv}: clients {sleeper.pid}" in out
+    assert mps.cli_main(["stop"]) == 2
+    assert mps.cli_main(["stop", str(fake / "unknown")]) == 2
+    assert mps.cli_main(["bogus"]) == 2
+    assert mps.cli_main(["stop", str(d2.pipe_dir)]) == 0
+    assert mps.cli_main(["stop", "--all"]) == 0
+    assert mps.cli_main(["status"]) == 0

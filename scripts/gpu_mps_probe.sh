@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Probe the real CUDA MPS on a GPU machine, then run the MPS/telemetry checks there.
 #
-#   OUT=/some/dir scripts/gpu_mps_probe.sh
+#   OUT=/some/dir scripts/gpu_mps_probe.sh 2>&1 | tee /some/dir/probe.log
 #
 # Part 1 talks to nvidia-cuda-mps-control directly (no harness code): what it prints with no
 # daemon, the pipe directory, get_server_list / get_client_list / ps / help output, the SM
@@ -10,12 +10,11 @@
 # stale socket, and the MPS logs. Part 2 runs tests/gpu/test_mps.py, the unit tests (with the
 # test double) and benchmarks/telemetry_overhead.py. Everything it starts, it stops; the last
 # lines list any MPS process still alive. It never changes compute mode, clocks, MIG or
-# persistence, and uses no sudo. Output: $OUT/probe.log, $OUT/pytest.log, $OUT/evidence.tgz,
-# $OUT/telemetry_overhead.json.
+# persistence, and uses no sudo. Besides stdout it writes $OUT/pytest.log, $OUT/evidence.tgz
+# and $OUT/telemetry_overhead.json.
 set -u
 OUT=${OUT:-/tmp/mt-probe-out}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/probe.log") 2>&1
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -168,7 +167,7 @@ echo "--- control.log"; cat "$L/control.log"; echo "--- server.log"; cat "$L"/se
 step "client fault next to a healthy client"
 P2=$W/p2; L2=$W/l2; mkdir -p "$P2" "$L2"
 CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=$P2 CUDA_MPS_LOG_DIRECTORY=$L2 nvidia-cuda-mps-control -d; sleep 0.5
-env -u CUDA_VISIBLE_DEVICES CUDA_MPS_PIPE_DIRECTORY=$P2 CUDA_MPS_LOG_DIRECTORY=$L2 LOOP_S=20 $PY "$W/client.py" > "$W/healthy" 2>&1 &
+env -u CUDA_VISIBLE_DEVICES CUDA_MPS_PIPE_DIRECTORY=$P2 CUDA_MPS_LOG_DIRECTORY=$L2 LOOP_S=12 $PY "$W/client.py" > "$W/healthy" 2>&1 &
 HP=$!
 ready "$W/healthy"; cat "$W/healthy"
 env -u CUDA_VISIBLE_DEVICES CUDA_MPS_PIPE_DIRECTORY=$P2 CUDA_MPS_LOG_DIRECTORY=$L2 timeout 60 $PY "$W/fault.py" > "$W/fault" 2>&1

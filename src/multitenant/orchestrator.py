@@ -441,7 +441,7 @@ class Orchestrator:
         if not failed:
             return None
         tp = failed[0]
-        why = last_line(tp.stderr_path) or tp.error or "no output on stderr"
+        why = tp.error or last_line(tp.stderr_path) or "no output on stderr"
         code = f"exit code {tp.exit_code}" if tp.exit_code is not None else "reported an error"
         if tp.exit_code is not None and tp.exit_code < 0:
             code = f"killed by signal {-tp.exit_code}"

@@ -81,4 +81,4 @@ class LiveProgress:
         if now - self._last_log >= self.log_every_s:
             self._last_log = now
             parts = [f"{n}: {s}, {q} req, {k} tok" + (f", {r} tok/s" if r else "") for n, s, q, k, r in rows]
-            self.console.print(f"[{self.title}] {self._window_text(orch)} | " + " | ".join(parts), highlight=False)
+            self.console.print(f"[{self.title}] {self._window_text(orch)} | " + " | ".join(parts), markup=False, highlight=False, soft_wrap=True)

@@ -341,10 +341,12 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
     except Exception as e:
         status, code = "error", 1
         traceback.print_exc()
-        # The last stderr line is what the orchestrator quotes as the reason: make it the cause.
-        print(f"tenant {spec['name']} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # The last stderr line is what the orchestrator quotes as the reason: make it the
+        # cause, on one line (library messages often span several).
+        cause = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
+        print(f"tenant {spec['name']} failed: {cause}", file=sys.stderr, flush=True)
         if ctl is not None:
-            ctl.send("error", error=f"{type(e).__name__}: {e}")
+            ctl.send("error", error=cause)
     finally:
         counts = loop.counts if loop is not None else {}
         writer.emit(EV_RUN_END, status=status, counts=counts)

@@ -1,0 +1,315 @@
+"""backend_hf: bookkeeping helpers, the eager engine and the static (uncaptured) decode path on CPU.
+
+The static path with ``graph_impl="none"`` is the exact decode step that ``graphs`` captures,
+run without capture; comparing it with eager on the CPU checks the static cache, the masks and
+the position ids. Capture itself is checked on a GPU (tests/gpu/test_graphs.py).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from multitenant import backend_hf as hf  # noqa: E402
+
+TINY = "synthetic:tiny-llama"
+# The same architecture code paths as the packaged configs, at test size.
+SMALL_OVERRIDES = {
+    "synthetic:tiny-llama": None,
+    "synthetic:qwen2.5-0.5b": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1024, bos_token_id=1, eos_token_id=2,
+    ),
+    "synthetic:mistral-7b": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=1024,
+    ),
+    "synthetic:gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1024, bos_token_id=1, eos_token_id=2),
+}  # fmt: skip
+
+
+def make_prompts(lengths, vocab=1000, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def engine(execution="eager", model=TINY, impl="none", max_batch=4, max_in=32, max_out=16, **kw):
+    e = hf.HFEngine(
+        model, "float32", "cpu", execution, "generate", max_batch, max_in, max_out,
+        graph_impl=impl, config_overrides=SMALL_OVERRIDES.get(model), **kw,
+    )  # fmt: skip
+    e.load()
+    return e
+
+
+def run_batch(e, prompts, n_out):
+    e.start_batch(prompts, n_out)
+    steps = []
+    while True:
+        got = e.step()
+        if not got:
+            break
+        steps.append(got)
+    return e.generated_tokens(), steps
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "expected"),
+    [(1, [1]), (2, [1, 2]), (8, [1, 2, 4, 8]), (12, [1, 2, 4, 8, 12]), (32, [1, 2, 4, 8, 16, 32])],
+)
+def test_batch_buckets(max_batch, expected):
+    assert hf.batch_buckets(max_batch) == expected
+
+
+def test_batch_buckets_rejects_zero():
+    with pytest.raises(ValueError):
+        hf.batch_buckets(0)
+
+
+def test_bucket_for_picks_smallest_that_fits():
+    b = [1, 2, 4, 8, 12]
+    assert [hf.bucket_for(n, b) for n in (1, 2, 3, 4, 5, 8, 9, 12)] == [1, 2, 4, 4, 8, 8, 12, 12]
+    with pytest.raises(ValueError, match="raise max_batch"):
+        hf.bucket_for(13, b)
+
+
+def test_normalize_buckets():
+    assert hf.normalize_buckets(None, 8) == [1, 2, 4, 8]
+    assert hf.normalize_buckets([8, 1, 8], 8) == [1, 8]
+    with pytest.raises(ValueError, match="max_batch"):
+        hf.normalize_buckets([1, 4], 8)  # a batch of 5..8 would have no graph
+    with pytest.raises(ValueError):
+        hf.normalize_buckets([0, 8], 8)
+
+
+def test_cache_length_covers_prompt_and_output_rounded():
+    assert hf.cache_length(512, 128) == 640
+    assert hf.cache_length(500, 100) == 640
+    assert hf.cache_length(1, 1) == 64
+    for i, o in [(7, 9), (100, 1), (64, 64), (65, 64)]:
+        n = hf.cache_length(i, o)
+        assert n % hf.CACHE_LEN_MULTIPLE == 0 and n >= i + o
+        # the last slot a batch writes: prefill of width <= i, then o - 1 decode steps
+        assert hf.decode_write_slot(i, o - 1) < n if o > 1 else True
+
+
+def test_decode_write_slot():
+    assert hf.decode_write_slot(10, 1) == 10
+    assert hf.decode_write_slot(10, 5) == 14
+    with pytest.raises(ValueError):
+        hf.decode_write_slot(10, 0)
+
+
+def test_left_pad_aligns_last_tokens_and_counts_positions_from_zero():
+    p = hf.left_pad([[5, 6, 7], [9], [1, 2]], pad_id=0)
+    assert p.width == 3 and p.lengths == [3, 1, 2]
+    assert p.input_ids == [[5, 6, 7], [0, 0, 9], [0, 1, 2]]
+    assert p.attention_mask == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert p.position_ids == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
+
+
+def test_right_pad():
+    ids, mask = hf.right_pad([[5, 6, 7], [9]], pad_id=1)
+    assert ids == [[5, 6, 7], [9, 1, 1]] and mask == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_receivers():
+    n_out = [4, 1, 6]
+    assert [hf.receivers(n_out, s) for s in range(7)] == [[0, 1, 2], [0, 2], [0, 2], [0, 2], [2], [2], []]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "n_out", "needle"),
+    [
+        ([], [], "empty batch"),
+        ([[1]] * 5, [1] * 5, "exceeds max_batch"),
+        ([[1], [2]], [1], "output lengths"),
+        ([[]], [1], "empty"),
+        ([[1] * 33], [1], "max_input_len"),
+        ([[1]], [17], "max_output_len"),
+        ([[1]], [0], "max_output_len"),
+        ([[1, 1024]], [1], "outside [0, 1024)"),
+        ([[-1]], [1], "outside"),
+    ],
+)
+def test_check_batch_errors(prompts, n_out, needle):
+    with pytest.raises(ValueError) as e:
+        hf.check_batch(prompts, n_out, max_batch=4, max_input_len=32, max_output_len=16, vocab_size=1024)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# engine construction errors
+
+
+def test_graphs_on_cpu_raises_with_the_fix():
+    with pytest.raises(RuntimeError, match="use execution=eager"):
+        hf.HFEngine(TINY, "float32", "cpu", "graphs", "generate", 4, 32, 16)
+
+
+@pytest.mark.parametrize("impl", ["inductor_cudagraph", "cudagraph", "reduce_overhead"])
+def test_every_capturing_impl_refuses_cpu(impl):
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        hf.HFEngine(TINY, "float32", "cpu", "graphs", "generate", 4, 32, 16, graph_impl=impl)
+
+
+def test_graphs_for_forward_task_raises():
+    with pytest.raises(ValueError, match="use execution=eager for task=forward"):
+        hf.HFEngine("synthetic:bert-base", "float32", "cpu", "graphs", "forward", 4, 32, 1, graph_impl="none")
+
+
+def test_graphs_unsupported_model_type_raises_at_load():
+    e = hf.HFEngine(
+        "synthetic:qwen2.5-0.5b", "float32", "cpu", "graphs", "generate", 2, 16, 4, graph_impl="none",
+        config_overrides={**SMALL_OVERRIDES["synthetic:qwen2.5-0.5b"], "model_type": "qwen3"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="does not support model_type qwen3.*use execution=eager"):
+        e.load()
+
+
+def test_graphs_refuses_a_cache_longer_than_a_sliding_window():
+    e = hf.HFEngine(
+        "synthetic:mistral-7b", "float32", "cpu", "graphs", "generate", 2, 100, 10, graph_impl="none",
+        config_overrides={**SMALL_OVERRIDES["synthetic:mistral-7b"], "sliding_window": 64},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="sliding window of 64"):
+        e.load()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="execution"):
+        hf.HFEngine(TINY, "float32", "cpu", "jit", "generate", 4, 32, 16)
+    with pytest.raises(ValueError, match="task"):
+        hf.HFEngine(TINY, "float32", "cpu", "eager", "train", 4, 32, 16)
+    with pytest.raises(ValueError, match="max_batch"):
+        hf.HFEngine(TINY, "float32", "cpu", "eager", "generate", 0, 32, 16)
+    with pytest.raises(ValueError, match="graph_impl"):
+        hf.HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16, graph_impl="tensorrt")
+
+
+def test_too_many_positions_raises_at_load():
+    e = hf.HFEngine("synthetic:gpt2", "float32", "cpu", "eager", "generate", 1, 1000, 100,
+                    config_overrides=SMALL_OVERRIDES["synthetic:gpt2"])  # fmt: skip
+    with pytest.raises(ValueError, match="1024 positions"):
+        e.load()
+
+
+# ---------------------------------------------------------------------------------------------
+# eager engine on the CPU
+
+
+def test_device_info_on_cpu():
+    e = hf.HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16)
+    info = e.device_info()
+    assert info["device"] == "cpu" and info["sms"] is None and info["total_memory_bytes"] is None
+    assert isinstance(info["device_name"], str) and info["device_name"]
+
+
+def test_eager_steps_give_each_request_exactly_n_out_tokens():
+    e = engine()
+    assert e.vocab_size == 1024
+    n_out = [4, 1, 6]
+    tokens, steps = run_batch(e, make_prompts([5, 9, 3]), n_out)
+    assert steps == [[0, 1, 2], [0, 2], [0, 2], [0, 2], [2], [2]]
+    assert [len(t) for t in tokens] == n_out
+    assert all(0 <= t < e.vocab_size for seq in tokens for t in seq)
+    assert e.step() == [] and e.step() == []  # stays finished
+
+
+def test_eager_left_padded_batch_matches_each_prompt_alone():
+    e = engine()
+    prompts = make_prompts([5, 11, 2, 8], seed=1)
+    n_out = [6, 3, 8, 1]
+    batched, _ = run_batch(e, prompts, n_out)
+    alone = [run_batch(e, [p], [n])[0][0] for p, n in zip(prompts, n_out, strict=True)]
+    assert batched == alone
+
+
+def test_start_batch_validates_and_a_new_batch_replaces_an_unfinished_one():
+    e = engine()
+    with pytest.raises(ValueError, match="max_input_len"):
+        e.start_batch([[1] * 40], [2])
+    prompts = make_prompts([4, 6])
+    e.start_batch(prompts, [5, 5])
+    e.step()
+    e.step()  # abandon after two steps
+    full, _ = run_batch(e, prompts, [5, 5])
+    assert [len(t) for t in full] == [5, 5]
+
+
+def test_warmup_leaves_no_batch_behind():
+    e = engine()
+    e.warmup()
+    assert e.step() == [] and e.generated_tokens() == []
+
+
+def test_forward_batch_runs_an_encoder():
+    e = hf.HFEngine("synthetic:distilbert", "float32", "cpu", "eager", "forward", 4, 32, 1,
+                    config_overrides={"n_layers": 1})  # fmt: skip
+    e.load()
+    e.warmup()
+    e.forward_batch(make_prompts([3, 17, 9], vocab=e.vocab_size))
+    with pytest.raises(RuntimeError, match="forward_batch"):
+        e.start_batch([[1]], [1])
+    with pytest.raises(ValueError, match="exceeds max_batch"):
+        e.forward_batch(make_prompts([3] * 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# static decode path (what graphs captures), uncaptured, against eager
+
+
+@pytest.mark.parametrize("model", sorted(SMALL_OVERRIDES))
+def test_static_path_matches_eager_tokens_and_logits(model):
+    prompts = make_prompts([5, 9, 3], seed=2)
+    n_out = [4, 1, 7]
+    eager = engine("eager", model, keep_logits=True)
+    static = engine("graphs", model, impl="none", keep_logits=True)
+    static.warmup()
+    te, se = run_batch(eager, prompts, n_out)
+    ts, ss = run_batch(static, prompts, n_out)
+    assert ts == te and ss == se
+    le, ls = eager.step_logits(), static.step_logits()
+    assert len(le) == len(ls) == max(n_out)
+    for a, b in zip(le, ls, strict=True):
+        # rows of finished requests keep decoding; their logits must agree too
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_static_path_partial_batches_reuse_buckets():
+    """Batches of 1..max_batch through the buckets (padding rows in partial buckets), each equal
+    to eager; a later batch must not see anything of an earlier one (cache, mask, positions)."""
+    eager = engine("eager", max_batch=8)
+    static = engine("graphs", impl="none", max_batch=8)
+    static.warmup()
+    for n, seed in [(3, 0), (8, 1), (1, 2), (5, 3), (3, 4)]:
+        rng = random.Random(seed)
+        prompts = make_prompts([rng.randint(1, 32) for _ in range(n)], seed=seed)
+        n_out = [rng.randint(1, 16) for _ in range(n)]
+        assert run_batch(static, prompts, n_out) == run_batch(eager, prompts, n_out)
+        assert static._bucket == hf.bucket_for(n, static.buckets)
+
+
+def test_static_path_longest_batch_fills_the_cache():
+    static = engine("graphs", impl="none", max_batch=2, max_in=32, max_out=16)
+    eager = engine("eager", max_batch=2, max_in=32, max_out=16)
+    prompts = make_prompts([32, 31], seed=5)
+    assert run_batch(static, prompts, [16, 16]) == run_batch(eager, prompts, [16, 16])
+
+
+def test_static_path_traces_as_one_graph():
+    """The decode step compiles without graph breaks (fullgraph=True, as the GPU impls use it);
+    aot_eager checks tracing and functionalization of the in-place cache updates cheaply."""
+    static = engine("graphs", impl="none", max_batch=2)
+    static._runner._fn = torch.compile(static._runner._decode_core, backend="aot_eager", fullgraph=True, dynamic=False)
+    static.warmup()
+    prompts = make_prompts([3, 7], seed=6)
+    assert run_batch(static, prompts, [5, 2]) == run_batch(engine("eager", max_batch=2), prompts, [5, 2])

@@ -77,9 +77,9 @@ def run_experiment_task(cfg: Any) -> int:
     run_dir = Path(hc.runtime.output_dir)
     _task_calls.append(str(run_dir))
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        assert isinstance(plain, dict)
-        plain = validate(plain)
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        assert isinstance(container, dict)
+        plain = validate({str(k): v for k, v in container.items()})
     except ConfigError as e:
         _fail_config(str(e))
         _remove_empty_run_dir(run_dir)

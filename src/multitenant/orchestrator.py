@@ -19,6 +19,7 @@ Order of work (each step is undone in ``finally``, in reverse, whatever happens)
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -115,25 +116,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def physical_gpu(device: str) -> tuple[int | None, str | None]:
-    """Map a tenant's ``cuda:N`` to (N as NVML index where known, CUDA_VISIBLE_DEVICES entry).
-
-    If the harness itself runs under CUDA_VISIBLE_DEVICES (a cluster scheduler's choice),
-    ``cuda:N`` means the N-th visible device, so the child gets that entry, not N.
-    """
-    idx = device_index(device)
-    if idx is None:
-        return None, None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None or visible.strip() == "":
-        return idx, str(idx)
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
-    if idx >= len(entries):
-        raise RunFailed(f"device cuda:{idx} but CUDA_VISIBLE_DEVICES={visible} lists {len(entries)} device(s)")
-    entry = entries[idx]
-    return (int(entry) if entry.isdigit() else None), entry
-
-
 class Orchestrator:
     def __init__(self, cfg: dict[str, Any], run_dir: Path, argv: list[str], overrides: list[str]) -> None:
         self.cfg = cfg
@@ -147,7 +129,7 @@ class Orchestrator:
         self.selector = selectors.DefaultSelector()
         self.manifest: dict[str, Any] = {}
         self.window: tuple[int, int | None] | None = None
-        self.nvml_index, self.visible_entry = physical_gpu(cfg["device"])
+        self.gpu_index = device_index(cfg["device"])  # the harness's cuda:<i>; None on the CPU
 
     # -- manifest --------------------------------------------------------------------------
 
@@ -198,10 +180,10 @@ class Orchestrator:
             "argv": self.argv,
             "overrides": self.overrides,
         }
-        if self.nvml_index is not None:
+        if self.gpu_index is not None:
             from multitenant.telemetry import gpu_info
 
-            self.manifest["gpu"] = gpu_info(self.nvml_index)
+            self.manifest["gpu"] = gpu_info(self.gpu_index)
         self._save_manifest()
 
     def _save_manifest(self) -> None:
@@ -260,28 +242,18 @@ class Orchestrator:
             return
         from multitenant import mps
 
-        assert self.nvml_index is not None or self.visible_entry is not None
         mcfg = self.cfg["mps"]
         try:
             if self.mode == "mps":
-                pipe_dir = Path(mcfg["pipe_dir"]) if mcfg.get("pipe_dir") else mps.default_pipe_dir(
-                    self.nvml_index or 0, self.run_dir.name
-                )
+                gpu = self.gpu_index or 0
+                pipe_dir = Path(mcfg["pipe_dir"]) if mcfg.get("pipe_dir") else mps.default_pipe_dir(gpu, self.run_dir.name)
                 log_dir = Path(mcfg["log_dir"]) if mcfg.get("log_dir") else self.run_dir / "mps_log"
-                self.daemon = mps.start_daemon(
-                    pipe_dir, log_dir, self.visible_entry or "0", timeout_s=mcfg["start_timeout_s"]
-                )
+                self.daemon = mps.start_daemon(pipe_dir, log_dir, gpu, timeout_s=mcfg["start_timeout_s"])
             else:
                 self.daemon = mps.external_daemon(mcfg.get("pipe_dir"), mcfg.get("log_dir"))
         except mps.MpsError as e:
             raise RunFailed(str(e)) from None
-        self.manifest["mps"] = {
-            "pipe_dir": str(self.daemon.pipe_dir),
-            "log_dir": str(self.daemon.log_dir) if self.daemon.log_dir else None,
-            "control_pid": self.daemon.control_pid,
-            "server_pids": [],
-            "external": self.daemon.external,
-        }
+        self.manifest["mps"] = mps.manifest_block(self.daemon)
         self._save_manifest()
 
     def _verify_mps(self) -> None:
@@ -291,17 +263,13 @@ class Orchestrator:
 
         pids = {name: tp.popen.pid for name, tp in self.tenants.items()}
         attached = mps.verify_clients(self.daemon, pids)
-        self.manifest["mps"]["server_pids"] = mps.server_pids(self.daemon)
         for name, ok in attached.items():
             self.manifest["tenants"][name]["mps_attached"] = ok
+        self.manifest["mps"] = mps.manifest_block(self.daemon)
         self._save_manifest()
         missing = [n for n, ok in attached.items() if not ok]
         if missing:
-            raise RunFailed(
-                f"tenant(s) {', '.join(missing)} run WITHOUT MPS (not clients of the server on "
-                f"{self.daemon.pipe_dir}): the CUDA process could not reach the pipe; check that "
-                f"CUDA_MPS_PIPE_DIRECTORY is not overridden and the GPU is not in a compute mode that bypasses MPS"
-            )
+            raise RunFailed(mps.unattached_message(missing, self.daemon))
 
     def _mps_fault_reason(self) -> str | None:
         if self.daemon is None or self.daemon.log_dir is None:
@@ -316,7 +284,7 @@ class Orchestrator:
 
         self.sampler = TelemetrySampler(
             self.run_dir / "telemetry.jsonl",
-            self.nvml_index,
+            self.gpu_index,
             self.cfg["telemetry_interval_ms"],
             lambda: {n: tp.popen.pid for n, tp in self.tenants.items() if tp.exit_code is None},
         )
@@ -325,27 +293,20 @@ class Orchestrator:
     # -- tenants ---------------------------------------------------------------------------
 
     def _tenant_env(self, t: dict[str, Any]) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
         if self.mode == "cpu":
+            env = dict(os.environ)
             env["CUDA_VISIBLE_DEVICES"] = ""
             # Tenants share the cores; without a cap each would start one thread per core.
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.cfg["tenants"]))))
-            return env
-        _, entry = physical_gpu(t["device"])
-        env["CUDA_VISIBLE_DEVICES"] = entry or "0"
-        for key in [k for k in env if k.startswith("CUDA_MPS_")]:
-            del env[key]
-        if self.daemon is not None:
+        else:
             from multitenant import mps
 
-            env.update(mps.tenant_env(t["share"], 0, self.daemon.pipe_dir, self.daemon.log_dir))
-        else:
-            # timeslice: a private, daemon-less pipe dir, so the tenant cannot silently attach
-            # to an MPS daemon someone runs at the default /tmp/nvidia-mps.
-            no_mps = self.run_dir / ".no-mps"
-            no_mps.mkdir(exist_ok=True)
-            env["CUDA_MPS_PIPE_DIRECTORY"] = str(no_mps)
+            # mps: the daemon's GPU is the tenant's device 0 and the share is in CUDA_MPS_*;
+            # timeslice: CUDA_VISIBLE_DEVICES=<GPU> and a pipe dir no daemon listens on.
+            pipe = self.daemon.pipe_dir if self.daemon is not None else None
+            logs = self.daemon.log_dir if self.daemon is not None else None
+            env = mps.child_env(os.environ, mps.tenant_env(t["share"], device_index(t["device"]) or 0, pipe, logs))
+        env["PYTHONUNBUFFERED"] = "1"
         return env
 
     def _spawn_all(self) -> None:
@@ -356,16 +317,15 @@ class Orchestrator:
                 "name": name,
                 "tenant": t,
                 "events_path": str(tdir / "events.jsonl"),
-                "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",
+                "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",  # see mps.TENANT_DEVICE
                 "window_timeout_s": self.cfg["ready_timeout_s"] + 60,
             }
             spec_path = tdir / "spec.json"
             spec_path.write_text(json.dumps(spec, indent=2))
             cmd_r, cmd_w = os.pipe()
             msg_r, msg_w = os.pipe()
-            stdout = open(tdir / "stdout.log", "wb")
-            stderr = open(tdir / "stderr.log", "wb")
-            try:
+            # The child keeps its own copies of the log fds; ours close when the block ends.
+            with open(tdir / "stdout.log", "wb") as stdout, open(tdir / "stderr.log", "wb") as stderr:
                 popen = subprocess.Popen(
                     [sys.executable, "-m", "multitenant.tenant", "--spec", str(spec_path),
                      "--ctl-in", str(cmd_r), "--ctl-out", str(msg_w)],
@@ -377,11 +337,8 @@ class Orchestrator:
                     start_new_session=True,  # own process group: stopped as a whole, immune to the terminal's ^C
                     cwd=os.getcwd(),
                 )
-            finally:
-                os.close(cmd_r)
-                os.close(msg_w)
-                stdout.close()
-                stderr.close()
+            os.close(cmd_r)
+            os.close(msg_w)
             os.set_blocking(msg_r, False)
             tp = TenantProc(name, t, tdir, popen, os.fdopen(cmd_w, "w"), msg_r, tdir / "stderr.log")
             self.tenants[name] = tp
@@ -515,23 +472,17 @@ class Orchestrator:
             # The group, not just the pid: a tenant's own children (compile workers, a server)
             # must not outlive it. Signalling the group also catches children of an exited leader.
             for tp in self.tenants.values():
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(tp.popen.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
             self._wait_exit(list(self.tenants.values()), STOP_GRACE_S if sig == signal.SIGTERM else 10.0)
         for tp in self.tenants.values():
             if tp.exit_code is None:
                 tp.exit_code = tp.popen.poll()
                 self.manifest["tenants"][tp.name]["exit_code"] = tp.exit_code
-            try:
+            with contextlib.suppress(OSError):
                 tp.cmd_pipe.close()
-            except OSError:
-                pass
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(tp.msg_fd)
-            except (KeyError, ValueError):
-                pass
             os.close(tp.msg_fd)
         self.selector.close()
         if self.sampler is not None:
@@ -539,11 +490,11 @@ class Orchestrator:
         if self.daemon is not None:
             from multitenant import mps
 
-            try:
-                mps.stop_daemon(self.daemon, timeout_s=self.cfg["mps"]["stop_timeout_s"])
-            except Exception as e:  # never let a daemon problem hide the run's own status
-                log.error("stopping the MPS daemon failed: %s", e)
-                self.manifest.setdefault("cleanup_errors", []).append(f"mps stop: {e}")
+            result = mps.stop_daemon(self.daemon, timeout_s=self.cfg["mps"]["stop_timeout_s"])
+            self.manifest["mps"] = mps.manifest_block(self.daemon)
+            self.manifest["mps"]["stop"] = {"clean": result.clean, "actions": result.actions, "left_pids": result.left_pids}
+            if not result.clean:
+                log.error("MPS daemon on %s not fully stopped: pids %s left", self.daemon.pipe_dir, result.left_pids)
 
     def _wait_exit(self, tenants: list[TenantProc], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -327,7 +327,7 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         writer.emit(EV_READY, load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), sms=info.get("sms"), device=info.get("device_name"))
         writer.flush()
         if ctl is None:  # standalone run (tests, debugging): the window starts now
-            window = {"t0": time.monotonic_ns(), "t1": None}
+            window: dict[str, Any] = {"t0": time.monotonic_ns(), "t1": None}
         else:
             ctl.send("ready", load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), **info)
             window = ctl.wait_window(timeout_s=spec["window_timeout_s"])

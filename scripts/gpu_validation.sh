@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# End-to-end evidence on a GPU machine: real mt-run, real MPS, real tenants.
+#
+#   OUT=/tmp/out bash scripts/gpu_validation.sh spine    # issue 2: eager Llama-1B pair, timeslice
+#   OUT=/tmp/out bash scripts/gpu_validation.sh solo     # solo graphs tenant: timeslice, MPS 100/50/25 %
+#   OUT=/tmp/out bash scripts/gpu_validation.sh pair     # pair sweep 100/100,50/50,70/30 (Hydra multirun),
+#                                                        # the pair in timeslice, a tenant killed mid-window
+# After every run it lists any tenant, MPS daemon or GPU compute process still alive (there must
+# be none), then prints a table (scripts/validation_table.py) and packs the experiment folders
+# into $OUT/exp_<phase>.tgz for mt-analyze. Never changes compute mode, clocks, MIG, persistence.
+set -u
+PHASE=${1:?phase: spine|solo|pair}
+OUT=${OUT:-/tmp/mt-validation-out}
+DUR=${DUR:-10}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+if ! python3 -c "import hydra, orjson" 2>/dev/null; then
+  # The GPU image has no hydra-core/orjson and no network: wheels carried in .whl/.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH="$PWD/src:$PYTHONPATH" PYTHONUNBUFFERED=1 MT_CONFIG_DIR="$PWD/configs"
+EXP=/tmp/mt-exp/$PHASE
+rm -rf "$EXP"; mkdir -p "$EXP"
+LOG="$OUT/leftovers_$PHASE.txt"; : > "$LOG"
+nvidia-smi --query-gpu=name,uuid,driver_version,compute_mode,mig.mode.current,persistence_mode,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_$PHASE.csv"
+
+leftovers() {  # what survived run $1: must be nothing
+  local tenants mps apps
+  tenants=$(pgrep -af "multitenant.tenant" | grep -v pgrep || true)
+  mps=$(pgrep -af "nvidia-cuda-mps" | grep -v pgrep || true)
+  apps=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null || true)
+  printf '%s\ttenants=[%s]\tmps=[%s]\tgpu_apps=[%s]\n' "$1" "$tenants" "$mps" "$apps" | tee -a "$LOG"
+}
+mtrun() {  # mtrun NAME ARGS...: one experiment into $EXP/NAME
+  local name=$1; shift
+  echo "===== $name: mt-run $*"
+  local t=$SECONDS
+  python3 -m multitenant.cli "$@" "hydra.run.dir=$EXP/$name" progress=false
+  echo "rc=$? after $((SECONDS - t)) s"
+  leftovers "$name"
+}
+short() {  # duration overrides for every tenant of a config
+  for t in "$@"; do printf 'tenants.%s.workload.duration_s=%s ' "$t" "$DUR"; done
+}
+
+case "$PHASE" in
+spine)
+  mtrun pair_llama1b_eager_timeslice --config-name multitenant/pair_llama1b mode=timeslice \
+    tenants.a.execution=eager tenants.b.execution=eager $(short a b)
+  ;;
+solo)
+  S=llama1b_graphs
+  mtrun solo_timeslice --config-name solo/llama1b $(short $S)
+  for pct in 100 50 25; do
+    mtrun "solo_mps_$pct" --config-name solo/llama1b mode=mps "tenants.$S.share.active_thread_pct=$pct" $(short $S)
+  done
+  ;;
+pair)
+  echo "===== sweep: mt-run -m split=100/100,50/50,70/30"
+  t=$SECONDS
+  python3 -m multitenant.cli -m --config-name multitenant/pair_llama1b 'split=100/100,50/50,70/30' \
+    $(short a b) progress=false "hydra.sweep.dir=$EXP/sweep"
+  echo "sweep rc=$? after $((SECONDS - t)) s"
+  leftovers sweep
+  mtrun pair_timeslice --config-name multitenant/pair_llama1b mode=timeslice $(short a b)
+  # A tenant killed (SIGKILL) two seconds into the window: run must be `failed`, nothing left.
+  echo "===== pair_killed: tenant b gets SIGKILL mid-window"
+  python3 -m multitenant.cli --config-name multitenant/pair_llama1b split=50/50 $(short a b) progress=false \
+    "hydra.run.dir=$EXP/pair_killed" &
+  mt=$!
+  python3 - "$EXP/pair_killed/manifest.json" <<'PY'
+import json, os, signal, sys, time
+path = sys.argv[1]
+deadline = time.monotonic() + 240
+while time.monotonic() < deadline:
+    try:
+        m = json.load(open(path))
+    except (OSError, ValueError):
+        time.sleep(0.2); continue
+    t0 = m["window"]["t0_ns"]
+    if t0 and time.monotonic_ns() > t0 + 2_000_000_000:
+        pid = m["tenants"]["b"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        print(f"killed tenant b (pid {pid}) {(time.monotonic_ns() - t0) / 1e9:.1f} s into the window")
+        break
+    time.sleep(0.2)
+else:
+    print("window never opened")
+PY
+  wait $mt; echo "rc=$?"
+  leftovers pair_killed
+  ;;
+*) echo "unknown phase $PHASE"; exit 2 ;;
+esac
+python3 scripts/validation_table.py "$EXP" | tee "$OUT/table_$PHASE.md"
+tar -C /tmp/mt-exp -czf "$OUT/exp_$PHASE.tgz" "$PHASE"
+ls -la "$OUT"

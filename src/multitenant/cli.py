@@ -114,6 +114,55 @@ def run_experiment_task(cfg: Any) -> int:
     return code
 
 
+def duplicate_key_error(path: Path) -> str | None:
+    """One line naming a key given twice in one mapping of ``path`` (e.g. two tenants both
+    called ``a``), or None. YAML would keep only the last one; OmegaConf refuses with a
+    traceback; this says which key, where, and what to do."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                where = "tenant name" if _is_tenants_block(node, key) else "key"
+                raise ValueError(
+                    f"{path}:{key_node.start_mark.line + 1}: {where} {key!r} appears twice "
+                    f"(first on line {seen[key]}); give each its own name"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    try:
+        yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    except ValueError as e:
+        return str(e)
+    except yaml.YAMLError:
+        return None  # other YAML problems: Hydra reports them with their position
+    return None
+
+
+def _is_tenants_block(node: Any, key: Any) -> bool:
+    # Heuristic for the message only: tenant entries are mappings with a model or workload.
+    return any(
+        getattr(k, "value", None) == key and any(getattr(kk, "value", None) in ("model", "workload") for kk, _ in getattr(v, "value", []) or [])
+        for k, v in node.value
+    )
+
+
+def _config_name(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("--config-name", "-cn") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config-name="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def _existing_run_dir(argv: list[str]) -> Path | None:
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
@@ -137,6 +186,12 @@ def run_main() -> None:
         sys.exit(EXIT_CONFIG)
     register_configs()
     config_dir = find_config_dir()
+    name = _config_name(sys.argv[1:])
+    if name is not None:
+        primary = config_dir / (name if name.endswith(".yaml") else f"{name}.yaml")
+        if primary.is_file() and (err := duplicate_key_error(primary)) is not None:
+            print(f"mt-run: error: {err}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
     given = {a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a}
     sys.argv += [o for o in DEFAULT_HYDRA_OVERRIDES if o.split("=", 1)[0] not in given]
     task = hydra.main(version_base=None, config_path=str(config_dir), config_name=None)(run_experiment_task)

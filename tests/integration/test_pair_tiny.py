@@ -190,3 +190,18 @@ def test_signal_to_mt_run_interrupts_cleanly(tmp_path: Path, mt_env: dict[str, s
     for name in ("a", "b"):
         ev = check_events(run_dir / "tenants" / name / "events.jsonl")["events"]
         assert ev[-1]["ev"] == "run_end" and ev[-1]["status"] == "interrupted"
+
+
+def test_duplicate_tenant_names_exit_2(tmp_path: Path, mt_env: dict[str, str], repo_root: Path) -> None:
+    cfg = tmp_path / "configs"
+    (cfg / "multitenant").mkdir(parents=True)
+    (cfg / "multitenant" / "dup.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /experiment_schema\n  - _self_\nname: dup\nmode: cpu\ntenants:\n"
+        "  a:\n    model: synthetic:tiny-llama\n    workload: {duration_s: 1}\n"
+        "  a:\n    model: synthetic:tiny-llama\n    workload: {duration_s: 1}\n"
+    )
+    env = dict(mt_env, MT_CONFIG_DIR=str(cfg))
+    res = mt_run(["--config-name", "multitenant/dup", f"hydra.run.dir={tmp_path / 'run'}"], env, tmp_path, 60)
+    assert res.returncode == 2
+    assert "tenant name 'a' appears twice" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -10,8 +10,10 @@ phase. Phases are scheduled on the shared CLOCK_MONOTONIC (the tenant gets the s
 its argv), so the sampler in this process switches exactly at the tenant's phase boundaries.
 Two workloads: ``launch`` (many tiny kernels: CPU-launch-bound, the case most exposed to a
 sampler competing for the CPU or the driver) and ``matmul`` (4096^2 bf16 products: GPU-bound).
+Each sampler phase is compared with the "off" phase just before it. With NVML it also times
+each source of a sample (utilization, memory, power, clocks, temperature, process list).
 
-    python benchmarks/telemetry_overhead.py [--out benchmarks/telemetry_overhead.json] [--phase-s 2]
+    python benchmarks/telemetry_overhead.py [--out benchmarks/telemetry_overhead.json]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +95,40 @@ def cpu_part(n_tenants: int, n_direct: int, run_s: float) -> dict:
     return result
 
 
+def source_costs(n_calls: int) -> dict | None:
+    """CPU and wall time of each NVML source of a sample, on GPU 0 (None without NVML)."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            s = TelemetrySampler(Path(tmp) / "x.jsonl", 0, 100, lambda: {"t": sleeper.pid})
+            s._open_nvml()
+            if s._nvml is None:
+                return None
+            out: dict = {}
+            calls = dict(s._gpu_fields)
+            calls["process_memory"] = lambda: s._gpu_mem({"t": sleeper.pid})
+            calls["tenant_cpu_pct"] = lambda: s._cpu_pct({"t": sleeper.pid})
+            for name, fn in calls.items():
+                fn()
+                c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+                for _ in range(n_calls):
+                    fn()
+                out[name] = {
+                    "cpu_us": round((time.thread_time_ns() - c0) / n_calls / 1e3, 1),
+                    "wall_us": round((time.perf_counter_ns() - w0) / n_calls / 1e3, 1),
+                }
+            s._proc_mem_ns = 0
+            c0 = time.thread_time_ns()
+            for _ in range(n_calls):
+                s.sample()
+            out["sample_total_process_memory_cached"] = {"cpu_us": round((time.thread_time_ns() - c0) / n_calls / 1e3, 1)}
+            s.stop()
+            return out
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def gpu_part(phase_s: float, reps: int, lead_s: float) -> dict | None:
     try:
         import torch
@@ -124,17 +161,26 @@ def gpu_part(phase_s: float, reps: int, lead_s: float) -> dict | None:
                 time.sleep(max(0.0, (start + phase_ns - time.monotonic_ns()) / 1e9))
                 s.stop()
         stdout, _ = tenant.communicate(timeout=120)
-        phases = json.loads(stdout.strip().splitlines()[-1])
-        by: dict[str, list[float]] = {}
-        for ph, setting in zip(phases, plan, strict=True):
-            by.setdefault(setting, []).append(ph["iters_per_s"])
-        base = sum(by["off"]) / len(by["off"])
+        phases = [p["iters_per_s"] for p in json.loads(stdout.strip().splitlines()[-1])]
+        # Each sampler phase is compared with the "off" phase of its own repetition (the one just
+        # before it), so slow drifts (clocks, temperature) cancel out.
+        rel: dict[str, list[float]] = {"100ms": [], "10ms": []}
+        for r in range(reps):
+            off = phases[3 * r]
+            rel["100ms"].append(100 * (phases[3 * r + 1] / off - 1))
+            rel["10ms"].append(100 * (phases[3 * r + 2] / off - 1))
+        off_all = phases[0::3]
         out["workloads"][mode] = {
-            setting: {
-                "iters_per_s": [round(v, 1) for v in vals],
-                "mean_rel_to_off_pct": round(100 * (sum(vals) / len(vals) / base - 1), 2),
-            }
-            for setting, vals in by.items()
+            "off_iters_per_s_median": round(statistics.median(off_all), 1),
+            "off_phase_spread_pct": round(100 * (max(off_all) - min(off_all)) / statistics.median(off_all), 2),
+            **{
+                f"{k}_rel_pct": {
+                    "median": round(statistics.median(v), 2),
+                    "min": round(min(v), 2),
+                    "max": round(max(v), 2),
+                }
+                for k, v in rel.items()
+            },
         }
     return out
 
@@ -145,8 +191,8 @@ def main() -> int:
     ap.add_argument("--tenants", type=int, default=4)
     ap.add_argument("--direct", type=int, default=2000, help="back-to-back sample() calls")
     ap.add_argument("--run-s", type=float, default=3.0, help="seconds per threaded run")
-    ap.add_argument("--phase-s", type=float, default=2.0)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--phase-s", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--lead-s", type=float, default=15.0, help="GPU tenant start-up allowance")
     args = ap.parse_args()
 
@@ -156,6 +202,7 @@ def main() -> int:
         "gpu": gpu_info(0),
         "cpu": cpu_part(args.tenants, args.direct, args.run_s),
     }
+    res["nvml_sources"] = source_costs(200)
     res["gpu_tenant"] = gpu_part(args.phase_s, args.reps, args.lead_s)
 
     c = res["cpu"]
@@ -165,11 +212,19 @@ def main() -> int:
         t = c[k]
         print(f"  {k:<24}  {t['cpu_us_per_sample']:8.1f} us CPU/sample  {t['core_share_pct']:6.3f} % of a core  "
               f"{t['samples']} samples, {t['late_samples']} late")
+    if res["nvml_sources"]:
+        print("cost of each source of a GPU sample (us per call)")
+        for name, v in res["nvml_sources"].items():
+            print(f"  {name:<36} {v['cpu_us']:8.1f} CPU" + (f" {v['wall_us']:8.1f} wall" if "wall_us" in v else ""))
     if res["gpu_tenant"]:
-        print("busy tenant on the GPU, iterations/s by sampler setting (relative to off)")
-        for mode, rows in res["gpu_tenant"]["workloads"].items():
-            for setting, r in rows.items():
-                print(f"  {mode:<7} {setting:<6} {r['mean_rel_to_off_pct']:+7.2f} %   {r['iters_per_s']}")
+        g = res["gpu_tenant"]
+        print(f"busy tenant on the GPU: iterations/s with the sampler on vs off ({len(g['plan']) // 3} reps "
+              f"of {g['phase_s']} s phases; median [min, max] of per-rep change)")
+        for mode, w in g["workloads"].items():
+            print(f"  {mode:<7} off {w['off_iters_per_s_median']:>10} it/s (off phases spread {w['off_phase_spread_pct']} %)")
+            for k in ("100ms", "10ms"):
+                r = w[f"{k}_rel_pct"]
+                print(f"  {mode:<7} {k:<6} {r['median']:+6.2f} %  [{r['min']:+.2f}, {r['max']:+.2f}]")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Probe the real CUDA MPS on a GPU machine, then run the MPS/telemetry checks there.
 #
-#   OUT=/some/dir scripts/gpu_mps_probe.sh 2>&1 | tee /some/dir/probe.log
+#   OUT=/some/dir scripts/gpu_mps_probe.sh [all|tests] 2>&1 | tee /some/dir/probe.log
 #
+# ("tests" skips part 1.)
 # Part 1 talks to nvidia-cuda-mps-control directly (no harness code): what it prints with no
 # daemon, the pipe directory, get_server_list / get_client_list / ps / help output, the SM
 # count clients see at 100/50/25 %, terminate_client, a pinned-memory limit, quit while clients
@@ -82,6 +83,7 @@ ready() { # ready FILE...: wait (max 90 s) until each file holds a READY or EXCE
 }
 pid_of() { sed -n 's/^READY {"pid": \([0-9]*\).*/\1/p' "$1"; }
 
+if [ "${1:-all}" = all ]; then
 step "machine"
 date -u; uname -r; id
 nvidia-smi --query-gpu=index,name,uuid,driver_version,compute_mode,persistence_mode,mig.mode.current,memory.total --format=csv
@@ -196,12 +198,14 @@ for pid in $(pgrep -f nvidia-cuda-mps); do
   if tr '\0' '\n' < /proc/$pid/environ 2>/dev/null | grep -q "^CUDA_MPS_PIPE_DIRECTORY=$W/"; then echo "left over: $pid"; kill -9 "$pid"; fi
 done
 
+fi  # part 1
+
 step "part 2: tests/gpu/test_mps.py"
 if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
 mkdir -p "$W/evidence"
-MT_GPU_EVIDENCE_DIR=$W/evidence timeout 200 $PY -m pytest tests/gpu/test_mps.py -v -s -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest.log" | grep -E "EVIDENCE|PASS|FAIL|ERROR|passed|failed|skipped|Error" | cut -c1-1500
+MT_GPU_EVIDENCE_DIR=$W/evidence timeout 240 $PY -m pytest tests/gpu/test_mps.py -v -s -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest.log" | grep -E "EVIDENCE|PASS|FAIL|ERROR|passed|failed|skipped|Error" | cut -c1-1500
 step "benchmarks/telemetry_overhead.py"
-timeout 120 $PY benchmarks/telemetry_overhead.py --out "$OUT/telemetry_overhead.json" --run-s 2 --phase-s 1.5 --lead-s 10
+timeout 150 $PY benchmarks/telemetry_overhead.py --out "$OUT/telemetry_overhead.json" --run-s 2 --lead-s 10
 step "unit tests (test double) on this machine"
 timeout 90 $PY -m pytest tests/unit/test_mps.py tests/unit/test_telemetry.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -5 | tee -a "$OUT/pytest.log"
 tar czf "$OUT/evidence.tgz" -C "$W" evidence

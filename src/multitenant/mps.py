@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -542,26 +541,6 @@ def _check_socket_path(pipe_dir: Path) -> None:
         )
 
 
-def _socket_refuses(path: Path) -> bool:
-    """True when ``path`` is a unix socket nobody accepts on (left by a dead daemon)."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-    except OSError:
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return False
-
-
 def start_daemon(
     pipe_dir: Path, log_dir: Path, device_index: int | str, timeout_s: float = 20.0
 ) -> MpsDaemon:
@@ -598,8 +577,6 @@ def start_daemon(
             f"an MPS control daemon (pid {old_pid}) holds {pipe_dir} but does not answer; "
             f"stop it with `mt-mps stop {pipe_dir}`"
         )
-    if _socket_refuses(pipe_dir / CONTROL_SOCKET):
-        (pipe_dir / CONTROL_SOCKET).unlink()  # a dead daemon's socket; a new one cannot bind over it
 
     env = _control_env(pipe_dir, log_dir)
     env["CUDA_VISIBLE_DEVICES"] = visible
@@ -669,14 +646,16 @@ def _wait_gone(pids: Iterable[int], until: float) -> list[int]:
 def stop_daemon(d: MpsDaemon, timeout_s: float = 20.0) -> StopResult:
     """Stop a daemon the harness started, whatever state it is in. Never raises; idempotent.
 
-    1. ``quit`` through the control daemon; wait for the daemon and its servers to exit.
-    2. If they do not (a wedged server, typically because a client hangs on to it):
-       ``terminate_client <server> <client>`` for every client, then ``quit`` again.
-    3. If still not: SIGTERM, then SIGKILL, to the control daemon (the PID it recorded, checked
-       against its start time) and to the servers it reported -- processes the harness started,
-       nothing else. Tenant processes are the orchestrator's to stop.
+    1. While the daemon answers: ``terminate_client <server> <client>`` for every client still
+       attached (a real daemon will not quit while a server has clients: ``quit`` then blocks
+       and the daemon stops answering), and wait a moment for them to go.
+    2. ``quit``; wait for the daemon and its servers to exit.
+    3. If they do not (a client hangs on, or the server is wedged): SIGTERM, then SIGKILL, to the
+       control daemon (the PID it recorded, checked against its start time) and to the servers
+       it reported or spawned -- processes the harness started, nothing else. Tenant processes
+       are the orchestrator's to stop, before it calls this.
     Finally the harness record is removed (and the pipe dir, when it is under the state root).
-    For an external daemon this does nothing.
+    ``timeout_s`` bounds steps 1-2; the signals add at most 7 s. An external daemon is left alone.
     """
     actions: list[str] = []
     if d.external or not d.started_by_harness:
@@ -711,17 +690,21 @@ def _stop(d: MpsDaemon, timeout_s: float, actions: list[str]) -> StopResult:
     if not ours and not daemon_answers(d.pipe_dir, timeout_s=1.0):
         actions.append("already stopped")
     else:
-        reply = control_command(d.pipe_dir, "quit", timeout_s=min(step, t_end - time.monotonic()))
+        # A real daemon handles `quit` only once its servers have no client left: until then
+        # the quit call blocks and the daemon stops answering (seen on driver 580). So clients
+        # are terminated *first*, while the daemon still answers. terminate_client makes the
+        # client's CUDA calls fail; a busy client then exits, an idle one stays (its process
+        # is not ours: the orchestrator stops tenants before it stops the daemon).
+        live = {srv: _alive(pids) for srv, pids in clients.items()}
+        for srv, pids in live.items():
+            for cpid in pids:
+                r = control_command(d.pipe_dir, f"terminate_client {srv} {cpid}", timeout_s=min(2.0, step))
+                actions.append(f"terminate_client {srv} {cpid}: {r.text or r.returncode}")
+        if any(live.values()):
+            _wait_gone([p for pids in live.values() for p in pids], min(t_end, time.monotonic() + step))
+        reply = control_command(d.pipe_dir, "quit", timeout_s=min(2.0 if any(live.values()) else step, step))
         actions.append("quit" + ("" if reply.returncode == 0 else f" (exit {reply.returncode})"))
         left = _wait_gone(ours, min(t_end, time.monotonic() + step))
-        if left and clients:
-            # Wedged: the servers wait for clients. Ask the daemon to end each client's work.
-            for srv, pids in clients.items():
-                for cpid in _alive(pids):
-                    r = control_command(d.pipe_dir, f"terminate_client {srv} {cpid}", timeout_s=min(2.0, step))
-                    actions.append(f"terminate_client {srv} {cpid}: {r.text or r.returncode}")
-            control_command(d.pipe_dir, "quit", timeout_s=min(2.0, step))
-            left = _wait_gone(left, min(t_end, time.monotonic() + step))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if not left:
                 break
@@ -769,15 +752,19 @@ def manifest_block(d: MpsDaemon | None) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 # Faults in the MPS logs
 
-# Lines of control.log / server.log that report a client or server failure. Benign lines
-# ("New client ... connected", "Client ... disconnected", "User did not send valid
-# credentials" from a bare connect) do not match.
+# Lines of control.log / server.log that report a client or server failure, as driver 580 words
+# them (docs/validation/mps-probe-h100.md): "Client {PID: 947, Context: 1} encountered a fatal
+# GPU error.", "Server is handling a fatal GPU error.", "... to be torn down", "... have a sticky
+# error set", "Server 705 exited with status 1". Routine lines do not match: "New client ...
+# connected", "Server failed to recevie command with status 806, assuming client ... exit" (a
+# client that exited), "User did not send valid credentials" (a bare connect), "Server 705
+# exited with status 0", "Client termination succeeded." (our own terminate_client).
 _FAULT_PATTERNS = re.compile(
-    r"fault|fatal|exception|exceed|out of memory|illegal|xid|terminat(?:ed|ing) client"
-    r"|server (?:\d+ )?(?:has )?(?:crashed|died|exited with)|failed to start|mps server failed",
+    r"fatal|fault|sticky error|torn down|illegal|exceed|out of memory|xid"
+    r"|exited with status [1-9]|killed by signal|failed to start|server failed",
     re.IGNORECASE,
 )
-_BENIGN_PATTERNS = re.compile(r"valid credentials|new client .* connected|client \d+ disconnected", re.IGNORECASE)
+_BENIGN_PATTERNS = re.compile(r"assuming client .* exit|valid credentials", re.IGNORECASE)
 
 
 def read_server_log_errors(log_dir: Path, limit: int = 20) -> list[str]:
@@ -799,6 +786,26 @@ def read_server_log_errors(log_dir: Path, limit: int = 20) -> list[str]:
                 found.append(line.strip())
     found.sort(key=_log_sort_key)
     return found[:limit]
+
+
+_OOM = re.compile(r"out of memory|CUDA_ERROR_OUT_OF_MEMORY|cudaErrorMemoryAllocation", re.IGNORECASE)
+
+
+def pinned_limit_cause(tenant: str, share: Mapping[str, Any], stderr_tail: str) -> str | None:
+    """The one-line cause for a tenant that died of CUDA out-of-memory under a pinned limit.
+
+    Under ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` an allocation past the limit fails as an ordinary
+    CUDA out-of-memory error (PyTorch: "CUDA out of memory ... of which 395 MiB is free"); MPS
+    logs nothing. So the limit is named here, from the tenant's share and its stderr.
+    """
+    limit = share.get("pinned_mem_limit")
+    if not limit or not _OOM.search(stderr_tail):
+        return None
+    return (
+        f"tenant {tenant} ran out of GPU memory at its MPS pinned memory limit "
+        f"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={limit}; raise tenants.{tenant}.share.pinned_mem_limit "
+        "or reduce the tenant's batch / KV cache"
+    )
 
 
 def _log_sort_key(line: str) -> str:

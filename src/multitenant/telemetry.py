@@ -12,7 +12,7 @@ sample period in which a kernel ran / device memory was read or written); ``powe
 board's draw in watts (NVML reports mW); clocks in MHz; ``temp_c`` in degrees Celsius;
 ``tenant_cpu_pct`` is psutil's CPU percent of the tenant process since the previous sample
 (100 = one core busy); ``tenant_gpu_mem_bytes`` is the device memory NVML attributes to the
-tenant's PID (or its children), from the MPS client list under MPS.
+tenant's PID (or its children; MPS clients are listed too), refreshed once a second.
 
 Sample times are scheduled in absolute monotonic time, ``t_k = t_start + k * interval``, so the
 series does not drift; a sample that comes late (the thread was not scheduled) is taken at once
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
 FLUSH_INTERVAL_NS = 1_000_000_000
+# Per-process GPU memory is refreshed at most this often (NVML's process query is the costliest
+# call of a sample, and a tenant's memory changes slowly); samples in between repeat it.
+PROC_MEM_REFRESH_NS = 1_000_000_000
 
 
 def _nvml() -> Any:
@@ -165,6 +168,8 @@ class TelemetrySampler:
         self._gpu_fields: dict[str, Callable[[], Any]] = {}
         self._procs: dict[int, psutil.Process] = {}
         self._proc_mem_ok = True
+        self._proc_mem: dict[str, int] = {}
+        self._proc_mem_ns = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -285,10 +290,10 @@ class TelemetrySampler:
                 rec[name] = v
         pids = dict(self.tenant_pids())
         rec["tenant_cpu_pct"] = self._cpu_pct(pids)
-        if self._nvml is not None and self._proc_mem_ok:
-            rec["tenant_gpu_mem_bytes"] = self._gpu_mem(pids)
-        else:
-            rec["tenant_gpu_mem_bytes"] = {}
+        if self._nvml is not None and self._proc_mem_ok and rec["t"] - self._proc_mem_ns >= PROC_MEM_REFRESH_NS:
+            self._proc_mem = self._gpu_mem(pids)
+            self._proc_mem_ns = rec["t"]
+        rec["tenant_gpu_mem_bytes"] = {n: b for n, b in self._proc_mem.items() if n in pids}
         return rec
 
     def _cpu_pct(self, pids: Mapping[str, int]) -> dict[str, float]:
@@ -311,34 +316,37 @@ class TelemetrySampler:
         return out
 
     def _gpu_mem(self, pids: Mapping[str, int]) -> dict[str, int]:
-        """Device memory per tenant from NVML's process lists (MPS clients included)."""
+        """Device memory per tenant from NVML's process list (which lists MPS clients too)."""
         nvml, h = self._nvml, self._handle
-        used: dict[int, int] = {}
-        for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetMPSComputeRunningProcesses"):
-            fn = getattr(nvml, getter, None)
-            if fn is None:
-                continue
-            try:
-                for proc in fn(h):
-                    mem = getattr(proc, "usedGpuMemory", None)
-                    if mem is not None:
-                        used[int(proc.pid)] = int(mem)
-            except Exception as e:
-                if getter == "nvmlDeviceGetComputeRunningProcesses":
-                    self._error("nvml process list", e)
-                    self._proc_mem_ok = False
-                    return {}
-                # the MPS list is optional (older drivers): ignore its failure
-        out: dict[str, int] = {}
+        families: dict[str, list[int]] = {}
         for name, pid in pids.items():
             family = [pid]
             p = self._procs.get(pid)
             if p is not None:
                 with contextlib.suppress(psutil.Error):
                     family += [c.pid for c in p.children(recursive=True)]
-            total = [used[f] for f in family if f in used]
-            if total:
-                out[name] = sum(total)
+            families[name] = family
+        wanted = {pid for fam in families.values() for pid in fam}
+        used: dict[int, int] = {}
+        try:
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                if getattr(proc, "usedGpuMemory", None) is not None:
+                    used[int(proc.pid)] = int(proc.usedGpuMemory)
+        except Exception as e:
+            self._error("nvml process list", e)
+            self._proc_mem_ok = False
+            return {}
+        if wanted and not wanted & used.keys():
+            # Older drivers list MPS clients only through the MPS variant.
+            with contextlib.suppress(Exception):
+                for proc in nvml.nvmlDeviceGetMPSComputeRunningProcesses(h):
+                    if getattr(proc, "usedGpuMemory", None) is not None:
+                        used[int(proc.pid)] = int(proc.usedGpuMemory)
+        out: dict[str, int] = {}
+        for name, family in families.items():
+            found = [used[pid] for pid in family if pid in used]
+            if found:
+                out[name] = sum(found)
         return out
 
     def _flush(self) -> None:

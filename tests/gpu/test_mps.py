@@ -8,6 +8,7 @@ stdin closes, so the checks run while it is attached.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import select
@@ -47,7 +48,24 @@ if want:
         alloc_ok = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 print(json.dumps({"pid": os.getpid(), "sms": p.multi_processor_count, "devices": torch.cuda.device_count(),
                   "name": p.name, "alloc": alloc_ok}), flush=True)
+loop_s = float(os.environ.get("PROBE_LOOP_S", "0"))
+if loop_s:
+    import time
+    a = torch.randn(4096, 4096, device="cuda"); t = time.monotonic(); status = "ok"
+    try:
+        while time.monotonic() - t < loop_s:
+            a = torch.tanh(a @ a); torch.cuda.synchronize()
+    except Exception as e:
+        status = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    print(json.dumps({"loop": status}), flush=True)
 sys.stdin.read()
+"""
+
+FAULT = r"""
+import cupy as cp
+k = cp.RawKernel(r'extern "C" __global__ void k() { *((volatile int*)0x10) = 1; }', "k")
+cp.zeros(1).sum()
+k((1,), (1,), ()); cp.cuda.runtime.deviceSynchronize()
 """
 
 
@@ -69,13 +87,16 @@ class Client:
         self.info: dict = {}
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        self.info = self.next_line(timeout_s)
+        return self.info
+
+    def next_line(self, timeout_s: float) -> dict:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         assert ready, "client did not report within the timeout"
         line = self.proc.stdout.readline()
         assert line, f"client exited with {self.proc.wait()} before reporting"
-        self.info = json.loads(line)
-        return self.info
+        return json.loads(line)
 
     def close(self) -> int:
         if self.proc.poll() is None:
@@ -89,10 +110,12 @@ class Client:
 
 
 def _mps_processes() -> list[int]:
+    """Live MPS processes (zombies excluded: on the test machine PID 1 does not reap the
+    daemon's intermediate fork, and a reparented daemon that exited stays a zombie)."""
     out = []
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
         cmd = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-        if "nvidia-cuda-mps" in cmd:
+        if "nvidia-cuda-mps" in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
             out.append(p.pid)
     return out
 
@@ -138,6 +161,7 @@ def test_clients_attach_and_see_their_share(daemon: MpsDaemon) -> None:
         codes = {n: c.close() for n, c in clients.items()}
     assert codes == {"full": 0, "half": 0, "quarter": 0}
     assert mps.server_pids(daemon) in ([], servers)  # the server may linger until quit
+    assert mps.read_server_log_errors(daemon.log_dir) == []  # routine lines are not faults
 
 
 def test_refuses_when_a_daemon_already_answers(daemon: MpsDaemon) -> None:
@@ -196,6 +220,25 @@ def test_stop_with_a_client_still_attached(tmp_path: Path) -> None:
                                    "log_errors": mps.read_server_log_errors(tmp_path / "log")})
     assert res.clean, res
     assert sorted(_mps_processes()) == sorted(before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="the fault kernel needs CuPy")
+def test_client_fault_reaches_the_other_client_and_the_log(daemon: MpsDaemon) -> None:
+    healthy = Client(_env(daemon, {}), {"PROBE_LOOP_S": "25"})
+    try:
+        h = healthy.wait_ready()
+        fault = subprocess.run(
+            [sys.executable, "-c", FAULT], env=_env(daemon, {}), capture_output=True, text=True, timeout=120
+        )
+        loop = healthy.next_line(60)
+    finally:
+        healthy.close()
+    errors = mps.read_server_log_errors(daemon.log_dir)
+    _evidence("client-fault", {"healthy": h, "healthy_loop": loop, "fault_rc": fault.returncode,
+                               "fault_stderr_tail": fault.stderr[-400:], "log_errors": errors})
+    assert fault.returncode != 0 and "illegal" in fault.stderr.lower()
+    assert loop["loop"] != "ok"  # MPS propagated the fault to the healthy client
+    assert errors and "fatal GPU error" in errors[0]
 
 
 def test_gpu_info_and_sampler_on_the_gpu(daemon: MpsDaemon, tmp_path: Path) -> None:

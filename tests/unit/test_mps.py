@@ -21,12 +21,33 @@ from multitenant.mps import MpsDaemon, MpsError
 
 FAKE_DIR = Path(__file__).resolve().parent / "fake_mps"
 
-# Output of the real nvidia-cuda-mps-control (driver 580, H100), captured by
+# Output of the real nvidia-cuda-mps-control (driver 580.159.04, H100), captured by
 # scripts/gpu_mps_probe.sh; see docs/validation/mps-probe-h100.md.
-REAL_SERVER_LIST = "4242\n"
+REAL_SERVER_LIST = "705\n"
 REAL_SERVER_LIST_EMPTY = ""
-REAL_CLIENT_LIST = "5101\n5102\n"
+REAL_CLIENT_LIST = "530\n532\n534\n531\n"
+REAL_CLIENT_LIST_BAD_SERVER = "Server 1 not found\n"
+REAL_TERMINATE_OK = "0\n"
+REAL_TERMINATE_BAD = "Invalid process 999999!\n1\n"
+REAL_UNKNOWN = 'Unknown command "help"\n'
 REAL_NO_DAEMON = "Cannot find MPS control daemon process\n"
+REAL_FAULT_SERVER_LOG = """\
+[2026-11-22 04:53:46.841 Server  1052] Status of client {PID: 1067, Context ID: 1} is ACTIVE
+[2026-11-22 04:53:47.181 Server  1052] Client {PID: 947, Context: 1} encountered a fatal GPU error.
+[2026-11-22 04:53:47.181 Server  1052] Server is handling a fatal GPU error.
+[2026-11-22 04:53:47.181 Server  1052] Client {PID: 947, Context ID: 1} on device 0 to be torn down
+[2026-11-22 04:53:47.181 Server  1052] The following client process have a sticky error set:
+[2026-11-22 04:53:47.181 Server  1052] 947
+[2026-11-22 04:53:47.245 Server  1052] Server failed to recevie command with status 806, assuming client {PID: 1067, Context ID: 1} exit
+[2026-11-22 04:53:47.275 Server  1052] Client process 1067 disconnected
+"""
+REAL_ROUTINE_CONTROL_LOG = """\
+[2026-11-22 04:52:55.035 Control   464] User did not send valid credentials
+[2026-11-22 04:52:55.035 Control   464] NEW CLIENT 530 from user 0: Server is not ready, push client to pending list
+[2026-11-22 04:52:59.674 Control   464] Server 705 has 6 active worker threads. Server will not shutdown.
+[2026-11-22 04:53:53.526 Control   944] Server 1052 exited with status 0
+[2026-11-22 04:53:53.526 Control   944] Exit with status 0
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,36 +130,48 @@ def test_state_root_refuses_a_symlink(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_parse_pid_lines_real_formats() -> None:
-    assert mps.parse_pid_lines(REAL_SERVER_LIST) == [4242]
+    assert mps.parse_pid_lines(REAL_SERVER_LIST) == [705]
     assert mps.parse_pid_lines(REAL_SERVER_LIST_EMPTY) == []
-    assert mps.parse_pid_lines(REAL_CLIENT_LIST) == [5101, 5102]
+    assert mps.parse_pid_lines(REAL_CLIENT_LIST) == [530, 532, 534, 531]
+    assert mps.parse_pid_lines(REAL_CLIENT_LIST_BAD_SERVER) == []
     assert mps.parse_pid_lines(REAL_NO_DAEMON) == []
+    assert mps.parse_pid_lines(REAL_UNKNOWN) == []
     # An error line with digits in it is not a PID; duplicates and blank lines are dropped.
     assert mps.parse_pid_lines("Invalid server pid 77\n\n 12 \n12\n") == [12]
 
 
 def test_control_reply_tells_no_daemon_from_an_answer() -> None:
     assert not mps.ControlReply(1, REAL_NO_DAEMON, "").answered
-    assert not mps.ControlReply(0, REAL_NO_DAEMON, "").answered
-    assert not mps.ControlReply(None, "", "").answered
-    assert mps.ControlReply(0, REAL_SERVER_LIST, "").answered
+    assert not mps.ControlReply(None, "", "").answered  # timed out: a quit is pending
+    assert mps.ControlReply(0, REAL_SERVER_LIST_EMPTY, "").answered
+    assert mps.ControlReply(0, REAL_UNKNOWN, "").answered  # the daemon answered, if not usefully
 
 
-def test_read_server_log_errors_finds_faults_in_time_order(tmp_path: Path) -> None:
+def test_read_server_log_errors_real_fault_first(tmp_path: Path) -> None:
     (tmp_path / "control.log").write_text(
-        "[2026-11-22 10:00:00.100 Control  100] Starting control daemon using socket /p/control\n"
-        "[2026-11-22 10:00:01.000 Control  100] User did not send valid credentials\n"
-        "[2026-11-22 10:00:05.000 Control  100] Server 200 exited with status 1\n"
+        REAL_ROUTINE_CONTROL_LOG + "[2026-11-22 04:53:48.000 Control   944] Server 1052 exited with status 1\n"
     )
-    (tmp_path / "server.log").write_text(
-        "[2026-11-22 10:00:02.000 Server  200] New client 300 connected\n"
-        "[2026-11-22 10:00:03.000 Server  200] Client 300 encountered a fatal GPU error\n"
-        "[2026-11-22 10:00:04.000 Server  200] Client 301 disconnected\n"
-    )
+    (tmp_path / "server.log").write_text(REAL_FAULT_SERVER_LOG)
     errors = mps.read_server_log_errors(tmp_path)
-    assert errors[0].endswith("Client 300 encountered a fatal GPU error")
-    assert len(errors) == 2 and "exited with status 1" in errors[1]
+    assert errors[0].endswith("Client {PID: 947, Context: 1} encountered a fatal GPU error.")
+    assert [e.split("] ", 1)[1] for e in errors[1:]] == [
+        "Server is handling a fatal GPU error.",
+        "Client {PID: 947, Context ID: 1} on device 0 to be torn down",
+        "The following client process have a sticky error set:",
+        "Server 1052 exited with status 1",
+    ]
+    (tmp_path / "server.log").unlink()
+    (tmp_path / "control.log").write_text(REAL_ROUTINE_CONTROL_LOG)
+    assert mps.read_server_log_errors(tmp_path) == []
     assert mps.read_server_log_errors(tmp_path / "missing") == []
+
+
+def test_pinned_limit_cause_names_the_limit() -> None:
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity"
+    msg = mps.pinned_limit_cause("a", {"pinned_mem_limit": "0=1G"}, oom)
+    assert msg is not None and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=1G" in msg and "tenants.a.share" in msg
+    assert mps.pinned_limit_cause("a", {"pinned_mem_limit": None}, oom) is None
+    assert mps.pinned_limit_cause("a", {"pinned_mem_limit": "0=1G"}, "ValueError: bad prompt") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,28 +312,42 @@ def test_verify_clients_and_descendants(fake: Path, sleeper: subprocess.Popen) -
         assert ok == {"a": True, "wrapped": True, "fallback": False}
         assert "fallback run WITHOUT MPS" in mps.unattached_message(["fallback"], d)
         assert mps.manifest_block(d)["server_pids"] == [srv]
-    finally:
-        res = mps.stop_daemon(d, 5)
+    finally:  # like the orchestrator: tenants first, then the daemon
         for p in (parent, outsider):
             for c in psutil.Process(p.pid).children(recursive=True):
                 c.kill()
             p.kill()
             p.wait()
-    assert res.clean, res
+        sleeper.kill()
+        sleeper.wait()
+        res = mps.stop_daemon(d, 5)
+    assert res.clean and res.actions == ["quit"], res
     assert not psutil.pid_exists(srv) or psutil.Process(srv).status() == "zombie"
 
 
-def test_wedged_server_terminates_clients_through_the_daemon(
+def test_busy_client_is_terminated_through_the_daemon_then_quit(
     fake: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FAKE_MPS_WEDGE", "clients")
+    monkeypatch.setenv("FAKE_MPS_TERMINATE", "signal")  # the client dies of its next CUDA error
     d = _start(fake)
     srv = _attach(d, sleeper.pid)
     res = mps.stop_daemon(d, timeout_s=4)
     assert res.clean, res
-    assert f"terminate_client {srv} {sleeper.pid}: 0" in res.actions
-    assert not any(a.startswith("SIG") for a in res.actions)  # no kill was needed
+    assert res.actions == [f"terminate_client {srv} {sleeper.pid}: 0", "quit"]
     assert sleeper.wait(timeout=5) == -signal.SIGTERM
+
+
+def test_idle_client_blocks_quit_so_the_daemon_is_signalled(
+    fake: Path, sleeper: subprocess.Popen
+) -> None:
+    d = _start(fake)
+    srv = _attach(d, sleeper.pid)
+    res = mps.stop_daemon(d, timeout_s=4)
+    assert res.clean, res
+    assert res.actions[:2] == [f"terminate_client {srv} {sleeper.pid}: 0", "quit (exit None)"]
+    assert sorted(res.actions[2:]) == sorted([f"SIGTERM {d.control_pid}", f"SIGTERM {srv}"])
+    assert sleeper.poll() is None  # the tenant is the orchestrator's to stop, not ours
+    assert mps.harness_daemons() == []
 
 
 def test_hard_wedge_kills_only_the_daemon_and_its_server(
@@ -313,7 +360,7 @@ def test_hard_wedge_kills_only_the_daemon_and_its_server(
     res = mps.stop_daemon(d, timeout_s=4)
     assert res.clean, res
     assert f"SIGKILL {d.control_pid}" in res.actions and f"SIGKILL {srv}" in res.actions
-    assert sleeper.poll() is None  # the tenant is the orchestrator's to stop, not ours
+    assert sleeper.poll() is None
     assert mps.harness_daemons() == []
 
 
@@ -354,5 +401,5 @@ def test_cli_status_and_stop(fake: Path, sleeper: subprocess.Popen, capsys: pyte
     assert mps.cli_main(["stop", str(fake / "unknown")]) == 2
     assert mps.cli_main(["bogus"]) == 2
     assert mps.cli_main(["stop", str(d2.pipe_dir)]) == 0
-    assert mps.cli_main(["stop", "--all"]) == 0
+    assert mps.cli_main(["stop", "--all", "--timeout", "2"]) == 0  # d1 still has a client: signalled
     assert mps.cli_main(["status"]) == 0

@@ -118,3 +118,43 @@ def test_stop_flushes_and_thread_is_gone(tmp_path: Path) -> None:
 def test_bad_interval_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="use 100"):
         TelemetrySampler(tmp_path / "t.jsonl", None, 0, dict)
+
+
+class _FakeNvml:
+    """Stands in for pynvml's process list only (the real one runs in tests/gpu/test_mps.py)."""
+
+    def __init__(self, listing: dict[int, int]) -> None:
+        self.listing = listing
+        self.calls = 0
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list:
+        self.calls += 1
+        return [type("P", (), {"pid": pid, "usedGpuMemory": mem})() for pid, mem in self.listing.items()]
+
+    def nvmlDeviceGetMPSComputeRunningProcesses(self, handle: object) -> list:
+        return []
+
+
+def test_process_memory_counts_children_and_is_refreshed_once_a_second(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)']); time.sleep(30)"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        import psutil
+
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = psutil.Process(parent.pid).children()[0].pid
+        s = TelemetrySampler(tmp_path / "t.jsonl", None, 10, lambda: {"wrapped": parent.pid})
+        fake = _FakeNvml({child: 3 << 30, 999_999_999: 1 << 30})
+        s._nvml, s._handle = fake, None
+        t = time.monotonic_ns()
+        rows = [s.sample(t + k * 100_000_000) for k in range(12)]  # 1.2 s of 100 ms samples
+    finally:
+        for c in psutil.Process(parent.pid).children(recursive=True):
+            c.kill()
+        parent.kill()
+        parent.wait()
+    assert fake.calls == 2  # at t and t + 1 s
+    assert all(r["tenant_gpu_mem_bytes"] == {"wrapped": 3 << 30} for r in rows)

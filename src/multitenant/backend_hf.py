@@ -371,7 +371,9 @@ class _StaticRunner:
         self._pool: Any = None
         self._fn: Any = self._decode_core
         if impl in ("inductor_cudagraph", "reduce_overhead"):
-            _raise_dynamo_recompile_limit(len(buckets) + 8)
+            # One entry per bucket and engine (several engines in one process share the code
+            # object, e.g. in tests): far below this unless something recompiles per call.
+            _raise_dynamo_recompile_limit(len(buckets) + 64)
             mode = "reduce-overhead" if impl == "reduce_overhead" else None
             self._fn = torch.compile(self._decode_core, mode=mode, fullgraph=True, dynamic=False)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -491,6 +493,7 @@ class _StaticRunner:
 
     def _reset_for_warmup(self) -> None:
         self.write_pos.zero_()
+        self.position_ids.zero_()  # learned position tables (GPT-2) must not be indexed past their end
         self.mask.zero_()  # attend to every slot of the (finite) cache: any values will do
 
     def prepare(self) -> None:
@@ -498,9 +501,11 @@ class _StaticRunner:
         graphs reuse the largest one's memory pool). The cache must exist: call after a prefill."""
         if not self.cache.keys:
             raise RuntimeError("static cache not allocated; run a prefill before prepare()")
+        # Every bucket's views exist before anything is compiled: Dynamo guards on the dicts
+        # that hold them, and a dict that grows later would invalidate earlier entries.
+        for b in self.buckets:
+            self._bucket_views(b)
         if self.impl == "none":
-            for b in self.buckets:
-                self._bucket_views(b)
             return
         if self.impl == "reduce_overhead":
             for b in sorted(self.buckets, reverse=True):

@@ -16,7 +16,8 @@ after one warm-up batch and logs every emission instant as a ``tok`` event throu
 Variants: ``generate`` (``model.generate``, dynamic cache, greedy, timed through a streamer that
 synchronizes at each step), ``eager``, ``graphs:<impl>`` for the engine's graph impls
 (``inductor_cudagraph``, ``cudagraph``, ``reduce_overhead``; ``none`` = static cache without
-capture). ``variant@8`` restricts a variant to batch 8 (saves compile time).
+capture); ``-nofuse`` keeps q/k/v and gate/up as separate GEMMs (the engine fuses them by
+default). ``variant@8`` restricts a variant to batch 8 (saves compile time).
 
     python benchmarks/decode_efficiency.py --out /tmp/decode.json
 """
@@ -43,8 +44,10 @@ from multitenant.events import EV_DONE, EV_SENT, EV_TOK, EventWriter, read_event
 from multitenant.models import build_model
 
 DEFAULT_VARIANTS = (
-    "generate,eager,graphs:inductor_cudagraph,graphs:cudagraph,graphs:reduce_overhead@8,graphs:none@8"
+    "generate,eager,graphs:inductor_cudagraph,graphs:cudagraph,graphs:inductor_cudagraph-nofuse@8,"
+    "graphs:reduce_overhead@8,graphs:none@8"
 )
+HOST_BOUND = ("generate", "eager", "graphs:none")  # ~16 ms/step: fewer batches say as much
 RID_STRIDE = 100_000  # rid = batch_index * RID_STRIDE + request index: groups events by batch
 
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="measured batches per variant and batch size")
+    ap.add_argument("--reps-host-bound", type=int, default=2, help="the same for generate, eager, graphs:none")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--profile", default="graphs:inductor_cudagraph@8",
                     help="variant@batch whose kernels to profile over one batch ('' = none)")
@@ -244,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                 vocab = info["vocab_size"]
             else:
                 execution, _, impl = name.partition(":")
+                impl, _, option = impl.partition("-")
                 engine = HFEngine(
                     args.model, args.dtype, str(device), execution, "generate", max(sizes),
                     args.input_len, args.output_len, graph_impl=impl or "inductor_cudagraph",
-                    batch_buckets=sizes if execution == "graphs" else None,
+                    batch_buckets=sizes if execution == "graphs" else None, fuse=option != "nofuse",
                 )  # fmt: skip
                 engine.load()
                 load_s = time.monotonic() - t0
@@ -260,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             for b in sizes:
                 path = tmp / f"{vi}_{name.replace(':', '_')}_b{b}.jsonl"
                 with EventWriter(path, background_flush=False) as w:
-                    for rep in range(args.reps + 1):
+                    reps = args.reps_host_bound if name in HOST_BOUND else args.reps
+                    for rep in range(reps + 1):
                         measured = rep > 0  # the first batch of each size warms up shapes and allocator
                         if engine is not None:
                             run_engine(engine, w, b, args, rep, measured)

@@ -14,10 +14,10 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_bench.log
 : > "$LOG"
-T_DECODE=${T_DECODE:-250}
+T_DECODE=${T_DECODE:-230}
 T_TEST=${T_TEST:-100}
 T_LOGGING=${T_LOGGING:-70}
-T_MPS=${T_MPS:-110}
+T_MPS=${T_MPS:-120}
 DECODE_ARGS=${DECODE_ARGS:-}
 PARTS=${PARTS:-decode_efficiency test_graphs logging_overhead mps_overhead}  # a subset runs fewer
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -51,7 +51,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, log it, note it
 
 part decode_efficiency "$T_DECODE" python3 benchmarks/decode_efficiency.py \
   --time-budget-s $((T_DECODE - 70)) --out "$OUT/decode_efficiency.json" $DECODE_ARGS
-part test_graphs "$T_TEST" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_graphs.py
+part test_graphs "$T_TEST" python3 -m pytest -v -p no:cacheprovider tests/gpu/test_graphs.py
 part logging_overhead "$T_LOGGING" python3 benchmarks/logging_overhead.py --out "$OUT/logging_overhead.json"
 part mps_overhead "$T_MPS" python3 benchmarks/mps_overhead.py --pipe-dir "$MPS_PIPE" \
   --child-timeout-s $((T_MPS / 3)) --out "$OUT/mps_overhead.json"

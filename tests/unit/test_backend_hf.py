@@ -313,3 +313,27 @@ def test_static_path_traces_as_one_graph():
     static.warmup()
     prompts = make_prompts([3, 7], seed=6)
     assert run_batch(static, prompts, [5, 2]) == run_batch(engine("eager", max_batch=2), prompts, [5, 2])
+
+
+@pytest.mark.parametrize("model", ["synthetic:tiny-llama", "synthetic:qwen2.5-0.5b"])
+def test_fused_projections_compute_the_same_forward(model):
+    from multitenant.models import build_model
+
+    ref, _ = build_model(model, "float32", "cpu", "generate", config_overrides=SMALL_OVERRIDES[model])
+    fused, info = build_model(model, "float32", "cpu", "generate", config_overrides=SMALL_OVERRIDES[model])
+    n_params = sum(p.numel() for p in fused.parameters())
+    assert hf.fuse_projections(fused) == 2 * fused.config.num_hidden_layers
+    attn = fused.base_model.layers[0].self_attn
+    assert isinstance(attn.q_proj, hf._FusedLinear) and isinstance(attn.v_proj, hf._StashedLinear)
+    assert (attn.q_proj.bias is not None) == (model == "synthetic:qwen2.5-0.5b")  # qwen2 has q/k/v biases
+    assert sum(p.numel() for p in fused.parameters()) == n_params == info["params"]
+    ids = torch.tensor(make_prompts([12, 12], vocab=1000, seed=7))
+    torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unfused_static_path_matches_fused():
+    prompts, n_out = make_prompts([6, 2, 9], seed=8), [5, 3, 4]
+    a = engine("graphs", impl="none", fuse=False)
+    b = engine("graphs", impl="none", fuse=True)
+    assert not isinstance(a.model.base_model.layers[0].self_attn.q_proj, hf._FusedLinear)
+    assert run_batch(a, prompts, n_out) == run_batch(b, prompts, n_out)

@@ -14,9 +14,9 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_bench.log
 : > "$LOG"
-T_DECODE=${T_DECODE:-230}
-T_TEST=${T_TEST:-100}
-T_LOGGING=${T_LOGGING:-70}
+T_DECODE=${T_DECODE:-250}
+T_TEST=${T_TEST:-90}
+T_LOGGING=${T_LOGGING:-60}
 T_MPS=${T_MPS:-120}
 DECODE_ARGS=${DECODE_ARGS:-}
 PARTS=${PARTS:-decode_efficiency test_graphs logging_overhead mps_overhead}  # a subset runs fewer
@@ -50,7 +50,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, log it, note it
 } 2>&1 | tee -a "$LOG"
 
 part decode_efficiency "$T_DECODE" python3 benchmarks/decode_efficiency.py \
-  --time-budget-s $((T_DECODE - 70)) --out "$OUT/decode_efficiency.json" $DECODE_ARGS
+  --time-budget-s $((T_DECODE - 60)) --out "$OUT/decode_efficiency.json" $DECODE_ARGS
 part test_graphs "$T_TEST" python3 -m pytest -v -p no:cacheprovider tests/gpu/test_graphs.py
 part logging_overhead "$T_LOGGING" python3 benchmarks/logging_overhead.py --out "$OUT/logging_overhead.json"
 part mps_overhead "$T_MPS" python3 benchmarks/mps_overhead.py --pipe-dir "$MPS_PIPE" \

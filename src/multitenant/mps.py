@@ -7,7 +7,8 @@ What the orchestrator calls, in this order (mode ``mps``)::
         env = child_env(os.environ, tenant_env(share, idx, d.pipe_dir, d.log_dir))  # per tenant
         ... spawn tenants with env; each uses device "cuda:0" (TENANT_DEVICE) ...
         ok = verify_clients(d, {name: pid})     # after every tenant sent `ready`
-        first_fault = read_server_log_errors(d.log_dir)   # when a tenant fails
+        # when a tenant fails: pinned_limit_cause(name, share, stderr_tail) names an exhausted
+        # pinned-memory limit; read_server_log_errors(d.log_dir) shows a propagated GPU fault
     finally:
         stop_daemon(d, timeout_s)               # never raises; idempotent
 
@@ -770,8 +771,11 @@ _BENIGN_PATTERNS = re.compile(r"assuming client .* exit|valid credentials", re.I
 def read_server_log_errors(log_dir: Path, limit: int = 20) -> list[str]:
     """Fault lines from ``control.log`` and every ``server.log`` under ``log_dir``, oldest first.
 
-    Each line keeps its ``[timestamp Server|Control pid]`` prefix, so the first one names the
-    first cause. Missing files are not an error (the server may never have started).
+    Each line keeps its ``[timestamp Server|Control pid]`` prefix. The first one says that (and
+    when) MPS hit a fatal error and tore its clients down; the client PID it names need not be
+    the one that caused it (on the H100 MPS named the healthy client), so the cause is the
+    tenant that failed first, and this line is the proof the fault was propagated. Missing
+    files are not an error (the server may never have started).
     """
     log_dir = Path(log_dir)
     files = [log_dir / "control.log", log_dir / "server.log", *sorted(log_dir.glob("*/server.log"))]

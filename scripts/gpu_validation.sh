@@ -27,8 +27,9 @@ nvidia-smi --query-gpu=name,uuid,driver_version,compute_mode,mig.mode.current,pe
 
 leftovers() {  # what survived run $1: must be nothing
   local tenants mps apps
-  tenants=$(pgrep -af "multitenant.tenant" | grep -v pgrep || true)
-  mps=$(pgrep -af "nvidia-cuda-mps" | grep -v pgrep || true)
+  # Zombies do not count: on the lent VM, PID 1 does not reap the MPS daemon's intermediate fork.
+  tenants=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep "multitenant.tenant" | grep -v grep || true)
+  mps=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep "nvidia-cuda-mps" | grep -v grep || true)
   apps=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null || true)
   printf '%s\ttenants=[%s]\tmps=[%s]\tgpu_apps=[%s]\n' "$1" "$tenants" "$mps" "$apps" | tee -a "$LOG"
 }

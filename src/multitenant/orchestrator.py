@@ -222,9 +222,12 @@ class Orchestrator:
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 self._cleanup()
+                # The first failing tenant is the cause; the MPS log line only shows that MPS
+                # propagated a fault to the other clients (it can name the wrong client PID).
                 mps_reason = self._mps_fault_reason() if status == "failed" else None
                 if mps_reason:
                     reason = f"{reason}; MPS log: {mps_reason}"
+                self._fill_gpu_sm_count()
                 self.manifest["status"] = status
                 self.manifest["reason"] = reason
                 self.manifest["ended_wall"] = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -270,6 +273,19 @@ class Orchestrator:
         missing = [n for n, ok in attached.items() if not ok]
         if missing:
             raise RunFailed(mps.unattached_message(missing, self.daemon))
+
+    def _fill_gpu_sm_count(self) -> None:
+        """NVML has no SM-count query on this class of GPU: take it from a tenant that saw the
+        whole GPU (no MPS cap), as reported by torch in its ``ready`` message."""
+        gpu = self.manifest.get("gpu")
+        if not gpu or gpu.get("sm_count"):
+            return
+        for name, t in self.manifest["tenants"].items():
+            pct = t["share"].get("active_thread_pct") if t["share_applied"] else None
+            if t["effective_sms"] and pct in (None, 100):
+                gpu["sm_count"] = t["effective_sms"]
+                gpu["sm_count_source"] = f"torch multi_processor_count reported by tenant {name}"
+                return
 
     def _mps_fault_reason(self) -> str | None:
         if self.daemon is None or self.daemon.log_dir is None:
@@ -403,9 +419,13 @@ class Orchestrator:
         if tp.exit_code is not None and tp.exit_code < 0:
             code = f"killed by signal {-tp.exit_code}"
         reason = f"tenant {tp.name} failed ({code}): {why}"
-        limit = tp.cfg["share"].get("pinned_mem_limit")
-        if limit and self.daemon is not None and "out of memory" in why.lower():
-            reason += f" (its MPS pinned_mem_limit is {limit})"
+        if self.daemon is not None:
+            from multitenant import mps
+
+            # MPS reports a pinned-limit overrun as a plain CUDA OOM and logs nothing: name the limit.
+            limit_cause = mps.pinned_limit_cause(tp.name, tp.cfg["share"], why + "\n" + last_line(tp.stderr_path))
+            if limit_cause:
+                reason = f"{limit_cause} ({code}): {why}"
         return reason
 
     def _barrier(self) -> None:

@@ -180,7 +180,14 @@ def build_model(
         from transformers import AutoConfig
 
         path = os.path.expanduser(name) if _is_path_like(name) else name
-        config = AutoConfig.from_pretrained(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as e:
+            # transformers' message often leaves out which model it was (and spans lines).
+            raise OSError(
+                f"cannot load model {name!r} ({' '.join(str(e).split())[:300]}); check the hub id or path, "
+                "HF_TOKEN for gated models and HF_HUB_OFFLINE, or use synthetic:<arch> for random weights"
+            ) from e
         cls = _model_class(config, task)
         model = cls.from_pretrained(path, dtype=torch_dtype).to(device)
         arch = name

@@ -1,0 +1,216 @@
+"""``mt-analyze``: experiment folders -> metrics, tables, plots, a report and (optionally) a trace.
+
+    mt-analyze PATH [PATH ...] [--baseline PATH ...] [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
+               [--format png|svg|pdf] [--trace]
+
+PATH is a run folder, a sweep folder, or any folder that contains run folders (found by their
+manifest.json). Solo baselines come from ``--baseline`` first, then from the PATHs themselves,
+then from runs found beside each run (``find_beside``). Exit codes: 0 done, 2 bad input
+(not an experiment, unknown schema, unparsable SLO), 1 an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from multitenant.analysis.load import (
+    AnalysisError,
+    RunData,
+    TenantLog,
+    find_beside,
+    find_run_dirs,
+    load_runs,
+    read_config,
+    read_manifest,
+    tenant_names,
+)
+from multitenant.analysis.metrics import (
+    RunMetrics,
+    SloError,
+    apply_baselines,
+    choose_baseline,
+    compute_run,
+    newest_first,
+    parse_slo,
+)
+
+PROGRESS_MIN_BYTES = 64 * 1024 * 1024  # show a progress bar when the logs are at least this big
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mt-analyze",
+        description="Metrics, plots, a one-page report and a trace from mt-run experiment folders.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folder, sweep folder, or a folder of runs")
+    p.add_argument("--baseline", nargs="+", default=[], metavar="PATH", help="solo runs to normalise against")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: plots/<run or sweep name>)")
+    p.add_argument("--slo", metavar="SPEC", help="SLO bounds, e.g. ttft=200ms,tpot=50ms,e2e=10s")
+    p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="plot file format")
+    p.add_argument("--trace", action="store_true", help="also write trace.json (open in ui.perfetto.dev)")
+    return p
+
+
+def _head(run_dir: Path) -> RunData:
+    """A run's manifest and config without its events (enough to match baselines)."""
+    manifest = read_manifest(run_dir)
+    config = read_config(run_dir)
+    tenants = {n: TenantLog(name=n, events_path=None) for n in tenant_names(run_dir, manifest, config)}
+    return RunData(run_dir, manifest, config, tenants, None)
+
+
+def default_out(paths: list[Path]) -> Path:
+    """plots/<name of the run or sweep folder>; several PATHs: their common parent's name."""
+    resolved = [p.resolve() for p in paths]
+    if len(resolved) == 1:
+        name = resolved[0].name
+    else:
+        common = Path(os.path.commonpath([str(p) for p in resolved]))
+        name = common.name if common.name and common not in resolved else resolved[0].name
+    return Path("plots") / (name or "analysis")
+
+
+def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
+    """Short unique names: the path below the runs' common folder, '/' -> '__'."""
+    if len(run_dirs) == 1:
+        return {run_dirs[0]: run_dirs[0].resolve().name}
+    resolved = [d.resolve() for d in run_dirs]
+    common = Path(os.path.commonpath([str(d) for d in resolved]))
+    return {d: "__".join(r.relative_to(common).parts) or r.name for d, r in zip(run_dirs, resolved, strict=True)}
+
+
+def analyse(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    # Piped into a log, an 80-column default would fold the table: use 120 there.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    slo = parse_slo(args.slo) if args.slo else None
+    run_dirs: list[Path] = []
+    for path in args.paths:
+        for d in find_run_dirs(path):
+            if d.resolve() not in {r.resolve() for r in run_dirs}:
+                run_dirs.append(d)
+    heads = {d.resolve(): _head(d) for d in run_dirs}
+
+    # Baseline candidates in order of preference: --baseline, the PATHs, runs found beside.
+    candidates: list[RunData] = []
+    seen: set[Path] = set()
+
+    def add(head: RunData) -> None:
+        key = head.run_dir.resolve()
+        if key not in seen:
+            seen.add(key)
+            candidates.append(head)
+
+    explicit = [heads.get(d.resolve()) or _head(d) for path in args.baseline for d in find_run_dirs(path)]
+    for head in newest_first(explicit) + newest_first(list(heads.values())):
+        add(head)
+    if any(len(h.tenants) > 1 for h in heads.values()):
+        beside: list[RunData] = []
+        for d in sorted({b.resolve() for r in run_dirs for b in find_beside(r)}):
+            if d in seen:
+                continue
+            try:
+                beside.append(_head(d))
+            except AnalysisError:
+                continue  # a damaged neighbour is not this analysis's business
+        for head in newest_first(beside):
+            add(head)
+
+    choice: dict[Path, dict[str, RunData | None]] = {}
+    needed: dict[Path, Path] = {}
+    for key, head in heads.items():
+        choice[key] = {}
+        if len(head.tenants) < 2:
+            continue
+        for name in head.tenants:
+            solo = choose_baseline(head, name, candidates)
+            choice[key][name] = solo
+            if solo is not None:
+                needed[solo.run_dir.resolve()] = solo.run_dir
+
+    to_load = list(run_dirs) + [d for k, d in needed.items() if k not in heads]
+    total = 0
+    for d in to_load:
+        tenants_dir = d / "tenants"
+        if tenants_dir.is_dir():
+            total += sum(f.stat().st_size for f in tenants_dir.glob("*/events.jsonl"))
+    runs = _load_with_progress(to_load, total, console)
+    by_dir = {r.run_dir.resolve(): r for r in runs}
+    metrics: dict[Path, RunMetrics] = {}
+    for key, run in by_dir.items():
+        metrics[key] = compute_run(run, slo if key in heads else None)
+    rms = [metrics[d.resolve()] for d in run_dirs]
+    for rm in rms:
+        key = rm.run.run_dir.resolve()
+        solos = {name: (metrics[s.run_dir.resolve()] if s is not None else None) for name, s in choice[key].items()}
+        apply_baselines(rm, solos)
+
+    out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
+    write_outputs(rms, out, args.format, args.trace, console)
+    return 0
+
+
+def _load_with_progress(run_dirs: list[Path], total: int, console: object) -> list[RunData]:
+    if total < PROGRESS_MIN_BYTES:
+        return load_runs(run_dirs)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # auto_refresh=False: no refresh thread, so the parse workers can be forked safely.
+    with Progress(
+        TextColumn("reading event logs"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        console=console, auto_refresh=False, transient=True,  # type: ignore[arg-type]
+    ) as progress:  # fmt: skip
+        task = progress.add_task("read", total=total)
+
+        def advance(n_bytes: int) -> None:
+            progress.advance(task, n_bytes)
+            progress.refresh()
+
+        progress.refresh()
+        return load_runs(run_dirs, progress=advance)
+
+
+def write_outputs(rms: list[RunMetrics], out: Path, fmt: str, trace: bool, console: object) -> dict[str, Path]:
+    """Every output file; returns them by name."""
+    from multitenant.analysis import plots, report
+    from multitenant.analysis.trace import write_trace
+
+    out.mkdir(parents=True, exist_ok=True)
+    labels_by_dir = run_labels([rm.run.run_dir for rm in rms])
+    labels = {id(rm): labels_by_dir[rm.run.run_dir] for rm in rms}
+    colors = plots.tenant_colors(name for rm in rms for name in rm.tenants)
+    written: dict[str, Path] = {
+        "summary.json": report.write_summary_json(rms, out / "summary.json"),
+        "requests.csv": report.write_requests_csv(rms, out / "requests.csv"),
+    }
+    md = out / "summary.md"
+    md.write_text(report.markdown(rms, labels), encoding="utf-8")
+    written["summary.md"] = md
+    report.print_terminal(rms, labels, console)
+    run_plots: dict[int, list[plots.Plot]] = {}
+    for rm in rms:
+        run_out = out if len(rms) == 1 else out / labels[id(rm)]
+        run_plots[id(rm)] = plots.plot_run(rm, run_out, fmt, colors)
+        if trace:
+            written[f"trace:{labels[id(rm)]}"] = write_trace(rm, run_out / "trace.json")
+    across = plots.plot_across(rms, labels, out, fmt, colors)
+    written["report.html"] = report.write_html(rms, labels, run_plots, across, colors, out / "report.html")
+    print(f"mt-analyze: {len(rms)} run(s) -> {out}/ (report.html, summary.json, summary.md, requests.csv)", file=sys.stderr)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return analyse(args)
+    except (AnalysisError, SloError) as e:
+        print(f"mt-analyze: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,547 @@
+"""Stage 2 of ``mt-analyze``: columns -> the metrics of DESIGN.md ("Metric definitions").
+
+Per request (all times int64 ns on CLOCK_MONOTONIC, results in milliseconds):
+  ttft = t(first tok) - t(sent)          ttft_sched = t(first tok) - t(sched)
+  queue = t(sent) - t(sched)             e2e = t(last tok) - t(sent)  (forward tenants: t(done) - t(sent))
+  tpot = (t(last tok) - t(first tok)) / (n_out - 1), only when n_out > 1
+  itl  = every gap between consecutive token emissions of one request (pooled over requests)
+where n_out is the request's ``done.n_out`` (the tokens it received), or the sum of its ``tok``
+counts when it has no ``done`` event.
+
+Windows:
+  * A tenant's measured phase starts at its ``window.t0``; its requests are *measured* when their
+    ``sent`` (``sched`` if never sent) lies in [t0, t1] (t1 = +inf when null).
+  * A tenant's end = min(window.t1 if not null, its last ``tok`` of a measured request); forward
+    tenants have no ``tok``, so their last ``done`` of a measured request stands in for it.
+  * The run's window = [max of the tenants' starts, min of their ends], **inclusive at both ends**:
+    a token emitted exactly at the window's start or end counts.
+  * Throughput = tokens (``tok`` counts) with start <= t <= end, divided by (end - start) in
+    seconds. Forward tenants: sequences (``iter.batch``) with start <= t <= end, in seq/s.
+  * Latency statistics use completed (``done.status == "ok"``) requests whose ``sent`` lies in
+    the run's window. Request counts (requests, errors, cancelled, incomplete) use every request
+    whose ``sent`` (``sched`` if never sent) lies in the run's window.
+
+Statistics: mean, population std (ddof 0) and percentiles p50, p90, p95, p99, p99.9 by linear
+interpolation between order statistics (numpy's default ``method="linear"``), all in ms; null
+when there is no sample.
+
+Interference (needs a solo baseline of the same tenant spec on a GPU of the same name):
+  NP_i = throughput co-located / throughput solo; slowdown = co-located percentile / solo one;
+  STP = sum NP_i; ANTT = mean(1 / NP_i); fairness = min NP / max NP; Jain = (sum x)^2 / (n sum x^2).
+  The aggregate figures are null unless every tenant of the run has an NP.
+
+SLO attainment = good / (requests in window that completed ok, failed or never finished);
+cancelled requests (cut off by the end of a measured phase) are left out, failures count as
+misses. A request is good when it completed ok and meets every given bound; a bound on a
+metric the request does not have (tpot of a one-token request) does not count against it.
+Goodput = good requests / window length in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from multitenant.analysis.load import NO_TIME, RunData, TenantLog
+
+PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
+STAT_KEYS = ("mean", "std") + tuple(k for k, _ in PERCENTILES)
+# Latency metrics in the order summary.json lists them.
+LATENCY_METRICS = ("ttft", "ttft_sched", "queue", "tpot", "itl", "e2e")
+SLO_METRICS = ("ttft", "tpot", "e2e")
+SLOWDOWN_KEYS = (("ttft_p50", "ttft", "p50"), ("ttft_p99", "ttft", "p99"), ("tpot_p50", "tpot", "p50"), ("tpot_p99", "tpot", "p99"))
+STATUS_OK, STATUS_ERROR, STATUS_CANCELLED = "ok", "error", "cancelled"
+NS_PER_MS = 1e6
+NS_PER_S = 1e9
+
+
+class SloError(ValueError):
+    """An SLO string that cannot be parsed (exit code 2)."""
+
+
+_UNIT_NS = {"ns": 1.0, "us": 1e3, "µs": 1e3, "ms": 1e6, "s": 1e9}
+_SLO_ITEM = re.compile(r"^\s*(\w+)\s*=\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ns|us|µs|ms|s)?\s*$", re.IGNORECASE)
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """``"ttft=200ms,tpot=50ms,e2e=10s"`` -> {"ttft": 200.0, "tpot": 50.0, "e2e": 10000.0} (ms)."""
+    bounds: dict[str, float] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        m = _SLO_ITEM.match(item)
+        if not m:
+            raise SloError(f"SLO item {item.strip()!r} is not name=value<unit>; write it like ttft=200ms,tpot=50ms,e2e=10s")
+        name, value, unit = m.group(1).lower(), float(m.group(2)), m.group(3)
+        if name not in SLO_METRICS:
+            raise SloError(f"SLO metric {name!r} is unknown; use {', '.join(SLO_METRICS)} (e.g. ttft=200ms)")
+        if unit is None:
+            raise SloError(f"SLO {item.strip()!r} has no unit; write it like {name}={m.group(2)}ms")
+        if name in bounds:
+            raise SloError(f"SLO metric {name!r} is given twice; give each bound once")
+        if not value > 0:
+            raise SloError(f"SLO {item.strip()!r} must be positive; write it like {name}=200ms")
+        bounds[name] = value * _UNIT_NS[unit.lower()] / NS_PER_MS
+    if not bounds:
+        raise SloError(f"SLO {text!r} names no bound; write it like ttft=200ms,tpot=50ms,e2e=10s")
+    return bounds
+
+
+def latency_stats(values_ms: np.ndarray) -> dict[str, float | None]:
+    """Mean, population std and percentiles (numpy linear interpolation) of ``values_ms``."""
+    if values_ms.size == 0:
+        return dict.fromkeys(STAT_KEYS)
+    pct = np.percentile(values_ms, [q for _, q in PERCENTILES])
+    out: dict[str, float | None] = {"mean": float(np.mean(values_ms)), "std": float(np.std(values_ms))}
+    for (key, _), value in zip(PERCENTILES, pct, strict=True):
+        out[key] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per request
+
+
+@dataclass
+class RequestTable:
+    """One row per request of one tenant (aligned numpy arrays).
+
+    ``*_ns`` are int64 with NO_TIME where never logged; ``*_ms`` are float64 with NaN where the
+    metric is undefined. ``measured``: sent inside the tenant's own phase; ``in_window``: sent
+    (sched when never sent) inside the run's window.
+    """
+
+    columns: dict[str, np.ndarray]
+    itl_ns: np.ndarray  # every gap, pooled, in row order
+    itl_row: np.ndarray  # row of each gap
+
+    def __len__(self) -> int:
+        return int(self.columns["rid"].size)
+
+
+def request_table(log: TenantLog, task: str) -> RequestTable:
+    """First/last token, token counts, per-request metrics and ITL gaps of every request."""
+    n_rows = log.req_rid.size
+    first = np.full(n_rows, NO_TIME, np.int64)
+    last = np.full(n_rows, NO_TIME, np.int64)
+    n_tok = np.zeros(n_rows, np.int64)
+    n_emit = np.zeros(n_rows, np.int64)
+    itl_max = np.full(n_rows, np.nan)
+    itl_ns = np.zeros(0, np.int64)
+    itl_row = np.zeros(0, np.int64)
+    if log.tok_rid.size:
+        row = log.tok_row
+        t = log.tok_t_ns
+        # Group each request's emissions together, in time order. Files are written in t order,
+        # so when rows are also non-decreasing (one request or batch after another) nothing
+        # needs sorting; otherwise a stable sort by row keeps time order within a request;
+        # only an out-of-order file needs the (row, t) sort.
+        t_sorted = t.size < 2 or bool(np.all(t[1:] >= t[:-1]))
+        if t_sorted and bool(np.all(row[1:] >= row[:-1])):
+            r, n = row, log.tok_n
+        else:
+            order = np.argsort(row, kind="stable") if t_sorted else np.lexsort((t, row))
+            r, t, n = row[order], t[order], log.tok_n[order]
+        new = np.empty(r.size, bool)
+        new[0] = True
+        np.not_equal(r[1:], r[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        ends = np.append(starts[1:], r.size) - 1
+        rows = r[starts]
+        first[rows] = t[starts]
+        last[rows] = t[ends]
+        n_tok[rows] = np.add.reduceat(n, starts)
+        n_emit[rows] = ends - starts + 1
+        gaps = np.diff(t)
+        same = ~new[1:]
+        itl_ns = gaps[same]
+        itl_row = r[1:][same]
+        if itl_ns.size:
+            # Max gap per request: blank out the gaps between requests, then reduce per segment.
+            masked = np.where(same, gaps, -1)
+            multi = starts[(ends - starts) >= 1]
+            itl_max[r[multi]] = np.maximum.reduceat(masked, multi) / NS_PER_MS
+
+    sched, sent, done = log.req_sched_ns, log.req_sent_ns, log.req_done_ns
+    n_out = np.where(log.req_n_out >= 0, log.req_n_out, n_tok)
+    has_first = first != NO_TIME
+    has_sent = sent != NO_TIME
+    has_sched = sched != NO_TIME
+    ttft = _diff_ms(first, sent, has_first & has_sent)
+    ttft_sched = _diff_ms(first, sched, has_first & has_sched)
+    queue = _diff_ms(sent, sched, has_sent & has_sched)
+    if task == "forward":
+        e2e = _diff_ms(done, sent, (done != NO_TIME) & has_sent)
+    else:
+        e2e = _diff_ms(last, sent, has_first & has_sent)
+    tpot = np.full(n_rows, np.nan)
+    ok_tpot = has_first & (n_out > 1)
+    tpot[ok_tpot] = (last[ok_tpot] - first[ok_tpot]) / (n_out[ok_tpot] - 1) / NS_PER_MS
+    itl_mean = np.full(n_rows, np.nan)
+    multi_emit = n_emit > 1
+    itl_mean[multi_emit] = (last[multi_emit] - first[multi_emit]) / (n_emit[multi_emit] - 1) / NS_PER_MS
+    columns = {
+        "rid": log.req_rid,
+        "status": log.req_status,
+        "error": log.req_error,
+        "n_in": log.req_n_in,
+        "n_out_target": log.req_n_out_target,
+        "n_out": n_out,
+        "n_tok": n_tok,
+        "n_emissions": n_emit,
+        "sched_ns": sched,
+        "sent_ns": sent,
+        "first_tok_ns": first,
+        "last_tok_ns": last,
+        "done_ns": done,
+        "ttft_ms": ttft,
+        "ttft_sched_ms": ttft_sched,
+        "queue_ms": queue,
+        "tpot_ms": tpot,
+        "e2e_ms": e2e,
+        "itl_mean_ms": itl_mean,
+        "itl_max_ms": itl_max,
+    }
+    return RequestTable(columns=columns, itl_ns=itl_ns, itl_row=itl_row)
+
+
+def _diff_ms(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(a - b) in ms where ``mask``, NaN elsewhere; the subtraction is exact in int64."""
+    out = np.full(a.size, np.nan)
+    out[mask] = (a[mask] - b[mask]) / NS_PER_MS
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per tenant and per run
+
+
+@dataclass
+class TenantMetrics:
+    """Everything summary.json holds for one tenant, plus the request table for the plots."""
+
+    name: str
+    task: str
+    throughput_unit: str  # "tok/s" (generate) or "seq/s" (forward)
+    phase_ns: tuple[int | None, int | None]  # the tenant's own [start, end]
+    requests: int = 0
+    completed: int = 0
+    errors: int = 0
+    cancelled: int = 0
+    incomplete: int = 0
+    output_tokens: int = 0
+    throughput: float | None = None
+    latency: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    slo_attainment: float | None = None
+    goodput_req_s: float | None = None
+    np: float | None = None
+    solo_throughput: float | None = None
+    slowdown: dict[str, float | None] | None = None
+    baseline_run_dir: str | None = None
+    table: RequestTable | None = None
+
+
+@dataclass
+class RunMetrics:
+    run: RunData
+    window_ns: tuple[int, int] | None
+    tenants: dict[str, TenantMetrics]
+    gpu_throughput_tok_s: float | None = None
+    gpu_throughput_naive_tok_s: float | None = None
+    stp: float | None = None
+    antt: float | None = None
+    fairness: float | None = None
+    jain: float | None = None
+    slo: dict[str, float] | None = None
+    missing_baselines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def window_s(self) -> float | None:
+        if self.window_ns is None:
+            return None
+        return (self.window_ns[1] - self.window_ns[0]) / NS_PER_S
+
+
+def _tenant_phase(run: RunData, log: TenantLog, warnings: list[str]) -> tuple[int | None, int | None]:
+    """The tenant's measured phase [t0, t1] as announced (t1 None = open); see module docstring."""
+    if log.window_seen and log.window_t0_ns is not None:
+        return log.window_t0_ns, log.window_t1_ns
+    window = run.manifest.get("window") or {}
+    t0, t1 = window.get("t0_ns"), window.get("t1_ns")
+    if log.events_path is not None:
+        if t0 is not None:
+            warnings.append(f"tenant {log.name}: no window event; the manifest's window is used instead")
+        else:
+            warnings.append(f"tenant {log.name}: no window event and none in the manifest; it has no measured phase")
+    return (None if t0 is None else int(t0)), (None if t1 is None else int(t1))
+
+
+def _ref_ns(log: TenantLog) -> np.ndarray:
+    """When a request entered the system: its ``sent``, or its ``sched`` when never sent."""
+    return np.where(log.req_sent_ns != NO_TIME, log.req_sent_ns, log.req_sched_ns)
+
+
+def _in_range(t: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray:
+    """lo <= t <= hi (an end that is None is open), ignoring NO_TIME entries."""
+    mask = t != NO_TIME
+    if lo is not None:
+        mask &= t >= lo
+    if hi is not None:
+        mask &= t <= hi
+    return mask
+
+
+def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics:
+    """All per-tenant and aggregate metrics of one run, except the baseline-dependent ones."""
+    warnings = list(run.warnings)
+    if run.status != "ok":
+        reason = run.manifest.get("reason")
+        warnings.insert(
+            0,
+            f"run status is {run.status!r}" + (f" ({reason})" if reason else "") + "; its numbers may be incomplete",
+        )
+    tasks = {name: run.tenant_task(name) for name in run.tenants}
+    tables = {name: request_table(log, tasks[name]) for name, log in run.tenants.items()}
+
+    # Each tenant's phase, measured requests and end (module docstring, "Windows").
+    phases: dict[str, tuple[int | None, int | None]] = {}
+    measured: dict[str, np.ndarray] = {}
+    starts: list[int] = []
+    ends: list[int] = []
+    for name, log in run.tenants.items():
+        t0, t1 = _tenant_phase(run, log, warnings)
+        meas = _in_range(_ref_ns(log), t0, t1) if t0 is not None else np.zeros(log.n_requests, bool)
+        measured[name] = meas
+        cols = tables[name].columns
+        if tasks[name] == "forward":
+            last = log.req_done_ns[meas & (log.req_done_ns != NO_TIME)]
+        else:
+            last = cols["last_tok_ns"][meas & (cols["last_tok_ns"] != NO_TIME)]
+        candidates = [t for t in (t1, int(last.max()) if last.size else None) if t is not None]
+        end = min(candidates) if candidates else None
+        phases[name] = (t0, end)
+        if t0 is None:
+            continue
+        starts.append(t0)
+        if end is None:
+            warnings.append(f"tenant {name}: no window end and no measured token; it does not bound the window")
+        else:
+            ends.append(end)
+
+    window: tuple[int, int] | None = None
+    if starts and ends:
+        w0, w1 = max(starts), min(ends)
+        if w1 > w0:
+            window = (w0, w1)
+        else:
+            warnings.append("the tenants' measured phases do not overlap: no window, so no throughput")
+    elif run.tenants:
+        warnings.append("no tenant has a measured phase: no window, so no throughput")
+
+    tenants: dict[str, TenantMetrics] = {}
+    total_window_tokens = 0
+    naive_tokens = 0
+    naive_first_sent: list[int] = []
+    naive_last_tok: list[int] = []
+    for name, log in run.tenants.items():
+        task = tasks[name]
+        table = tables[name]
+        cols = table.columns
+        tm = TenantMetrics(
+            name=name, task=task, throughput_unit="seq/s" if task == "forward" else "tok/s", phase_ns=phases[name]
+        )
+        tm.table = table
+        lo, hi = window if window is not None else (None, None)
+        ref_in = _in_range(_ref_ns(log), lo, hi) if window is not None else np.zeros(log.n_requests, bool)
+        sent_in = _in_range(log.req_sent_ns, lo, hi) if window is not None else np.zeros(log.n_requests, bool)
+        cols["measured"] = measured[name]
+        cols["in_window"] = ref_in
+        status = log.req_status
+        is_ok = status == STATUS_OK
+        is_cancelled = status == STATUS_CANCELLED
+        is_open = status == ""
+        is_error = ~(is_ok | is_cancelled | is_open)
+        unknown = set(status[is_error & (status != STATUS_ERROR)].tolist())
+        if unknown:
+            warnings.append(f"tenant {name}: done.status {sorted(unknown)} counted as errors")
+        tm.requests = int(ref_in.sum())
+        tm.completed = int((ref_in & is_ok).sum())
+        tm.errors = int((ref_in & is_error).sum())
+        tm.cancelled = int((ref_in & is_cancelled).sum())
+        tm.incomplete = int((ref_in & is_open).sum())
+        disagree = int(((log.req_n_out >= 0) & (cols["n_tok"] != log.req_n_out) & is_ok & (task != "forward")).sum())
+        if disagree:
+            warnings.append(
+                f"tenant {name}: {disagree} request(s) whose done.n_out differs from their tok counts; TPOT uses n_out"
+            )
+
+        # Latency samples: completed requests sent inside the window.
+        sample = sent_in & is_ok
+        for metric in LATENCY_METRICS:
+            if metric == "itl":
+                values = table.itl_ns[sample[table.itl_row]] / NS_PER_MS if table.itl_ns.size else np.zeros(0)
+            else:
+                values = cols[f"{metric}_ms"][sample]
+                values = values[~np.isnan(values)]
+            tm.latency[metric] = latency_stats(values)
+
+        # Throughput inside the window (inclusive at both ends).
+        if window is not None:
+            window_s = (window[1] - window[0]) / NS_PER_S
+            if task == "forward":
+                in_w = (log.iter_t_ns >= window[0]) & (log.iter_t_ns <= window[1])
+                tm.throughput = float(log.iter_batch[in_w].sum()) / window_s
+            else:
+                in_w = (log.tok_t_ns >= window[0]) & (log.tok_t_ns <= window[1])
+                tm.output_tokens = int(log.tok_n[in_w].sum())
+                tm.throughput = tm.output_tokens / window_s
+                total_window_tokens += tm.output_tokens
+
+        # Seed study's figure: measured requests' tokens over first measured send .. last token.
+        if task != "forward" and measured[name].any():
+            if log.tok_rid.size:
+                naive_tokens += int(log.tok_n[measured[name][log.tok_row]].sum())
+            sent_m = log.req_sent_ns[measured[name] & (log.req_sent_ns != NO_TIME)]
+            last_m = cols["last_tok_ns"][measured[name] & (cols["last_tok_ns"] != NO_TIME)]
+            if sent_m.size:
+                naive_first_sent.append(int(sent_m.min()))
+            if last_m.size:
+                naive_last_tok.append(int(last_m.max()))
+
+        if slo is not None and window is not None:
+            judged = ref_in & ~is_cancelled
+            good = sent_in & is_ok
+            for metric, bound in slo.items():
+                values = cols[f"{metric}_ms"]
+                good &= np.isnan(values) | (values <= bound)
+            n_judged = int(judged.sum())
+            n_good = int((good & judged).sum())
+            # True/False for judged requests, None for those the SLO does not judge.
+            slo_ok = np.full(log.n_requests, None, dtype=object)
+            slo_ok[judged] = good[judged]
+            cols["slo_ok"] = slo_ok
+            tm.slo_attainment = n_good / n_judged if n_judged else None
+            tm.goodput_req_s = n_good / ((window[1] - window[0]) / NS_PER_S)
+        tenants[name] = tm
+
+    rm = RunMetrics(run=run, window_ns=window, tenants=tenants, slo=slo, warnings=warnings)
+    if window is not None and any(t.task != "forward" for t in tenants.values()):
+        rm.gpu_throughput_tok_s = total_window_tokens / ((window[1] - window[0]) / NS_PER_S)
+    if naive_first_sent and naive_last_tok:
+        span_ns = max(naive_last_tok) - min(naive_first_sent)
+        if span_ns > 0:
+            rm.gpu_throughput_naive_tok_s = naive_tokens / (span_ns / NS_PER_S)
+    return rm
+
+
+# ---------------------------------------------------------------------------------------------
+# Solo baselines and interference
+
+
+def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
+    """What must be equal for a solo run to be this tenant's baseline (None without a config).
+
+    model, backend, execution mode, dtype, task, batch limit and workload; the workload's
+    ``start_delay_s`` is left out (a staggered start changes when a tenant runs, not what).
+    """
+    cfg = run.tenant_config(name)
+    if cfg is None:
+        return None
+    workload = dict(cfg.get("workload") or {})
+    workload.pop("start_delay_s", None)
+    return {
+        "model": cfg.get("model"),
+        "backend": cfg.get("backend"),
+        "execution": cfg.get("execution"),
+        "dtype": cfg.get("dtype"),
+        "task": cfg.get("task"),
+        "max_batch": cfg.get("max_batch"),
+        "workload": workload,
+    }
+
+
+def describe_spec(spec: dict[str, Any] | None, gpu: str | None) -> str:
+    if spec is None:
+        return "unknown spec (no config.resolved.yaml)"
+    return (
+        f"{spec['backend']} {spec['model']} {spec['execution']} {spec['dtype']} {spec['task']} "
+        f"max_batch={spec['max_batch']} on {gpu or 'no GPU'}"
+    )
+
+
+def is_solo_candidate(run: RunData) -> bool:
+    """A finished run with exactly one tenant."""
+    return len(run.tenants) == 1 and run.status == "ok"
+
+
+def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunData | None:
+    """The solo run for tenant ``name`` of ``run``: same spec, same GPU name (null matches null).
+
+    ``candidates`` are in order of preference (the CLI lists ``--baseline`` runs first, newest
+    first within each group); the first that matches wins.
+    """
+    spec = tenant_spec(run, name)
+    if spec is None:
+        return None
+    for cand in candidates:
+        if cand.run_dir.resolve() == run.run_dir.resolve() or not is_solo_candidate(cand):
+            continue
+        (solo_name,) = cand.tenants
+        if tenant_spec(cand, solo_name) == spec and cand.gpu_name == run.gpu_name:
+            return cand
+    return None
+
+
+def newest_first(runs: list[RunData]) -> list[RunData]:
+    """Sort by the manifest's ``started_wall`` (ISO 8601 sorts as text), newest first."""
+    return sorted(runs, key=lambda r: str(r.manifest.get("started_wall") or ""), reverse=True)
+
+
+def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | None]) -> None:
+    """Fill NP, slowdowns and the aggregate interference figures from matched solo runs.
+
+    ``solos[name]`` is the solo run's metrics for tenant ``name`` (None when no match). Single-
+    tenant runs get no interference figures (there is nothing to interfere with).
+    """
+    if len(rm.tenants) < 2:
+        return
+    if rm.run.config is None:
+        rm.missing_baselines.append(
+            "no solo baseline can be matched: the run has no config.resolved.yaml to compare tenant specs with"
+        )
+        return
+    for name, tm in rm.tenants.items():
+        solo = solos.get(name)
+        if solo is None:
+            rm.missing_baselines.append(
+                f"no solo baseline for tenant {name} ({describe_spec(tenant_spec(rm.run, name), rm.run.gpu_name)}); "
+                "run it alone with the same settings and pass the run with --baseline"
+            )
+            continue
+        (solo_tm,) = solo.tenants.values()
+        tm.baseline_run_dir = str(solo.run.run_dir)
+        tm.solo_throughput = solo_tm.throughput
+        tm.np = _ratio(tm.throughput, solo_tm.throughput)
+        tm.slowdown = {
+            key: _ratio(tm.latency[metric][stat], solo_tm.latency[metric][stat]) for key, metric, stat in SLOWDOWN_KEYS
+        }
+    nps = [tm.np for tm in rm.tenants.values()]
+    if any(x is None for x in nps):
+        return
+    values = np.asarray(nps, dtype=np.float64)
+    rm.stp = float(values.sum())
+    rm.antt = float(np.mean(1.0 / values)) if bool(np.all(values > 0)) else None
+    rm.fairness = float(values.min() / values.max()) if values.max() > 0 else None
+    square_sum = float(np.sum(values**2))
+    rm.jain = float(values.sum() ** 2 / (values.size * square_sum)) if square_sum > 0 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b

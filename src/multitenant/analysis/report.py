@@ -1,0 +1,435 @@
+"""Stage 3b of ``mt-analyze``: metrics -> summary.json, requests.csv, summary.md, the terminal
+table and report.html.
+
+``summary.json`` has the shape of issue #4 (other tools read it); beyond it each run carries
+``name``, ``gpu``, ``window_s``, ``warnings``, ``missing_baselines`` and ``baselines``, and each
+tenant ``task``, ``throughput_unit``, ``completed``, ``cancelled`` and ``incomplete`` (every request
+is counted somewhere: requests = completed + errors + cancelled + incomplete). Numbers are
+plain JSON numbers (full float precision), undefined ones null, never NaN.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from multitenant.analysis.load import NO_TIME
+from multitenant.analysis.metrics import LATENCY_METRICS, SLOWDOWN_KEYS, STAT_KEYS, RunMetrics
+from multitenant.analysis.plots import Plot
+
+SUMMARY_SCHEMA = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.json
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None (JSON has neither), numpy scalars -> Python numbers."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_summary(rm: RunMetrics) -> dict[str, Any]:
+    tenants: dict[str, Any] = {}
+    for name, tm in rm.tenants.items():
+        entry: dict[str, Any] = {
+            "requests": tm.requests,
+            "errors": tm.errors,
+            "output_tokens": tm.output_tokens,
+            "throughput_tok_s": tm.throughput,
+        }
+        for metric in LATENCY_METRICS:
+            entry[f"{metric}_ms"] = tm.latency[metric]
+        entry.update(
+            {
+                "slo_attainment": tm.slo_attainment,
+                "goodput_req_s": tm.goodput_req_s,
+                "np": tm.np,
+                "slowdown": tm.slowdown,
+                # Additions beyond the issue's shape.
+                "task": tm.task,
+                "throughput_unit": tm.throughput_unit,
+                "completed": tm.completed,
+                "cancelled": tm.cancelled,
+                "incomplete": tm.incomplete,
+                "solo_throughput": tm.solo_throughput,
+                "baseline_run_dir": tm.baseline_run_dir,
+            }
+        )
+        tenants[name] = entry
+    run = rm.run
+    return _clean(
+        {
+            "run_dir": str(run.run_dir),
+            "run_id": run.run_id,
+            "status": run.status,
+            "mode": run.mode,
+            "window_ns": list(rm.window_ns) if rm.window_ns is not None else None,
+            "tenants": tenants,
+            "aggregate": {
+                "gpu_throughput_tok_s": rm.gpu_throughput_tok_s,
+                "gpu_throughput_naive_tok_s": rm.gpu_throughput_naive_tok_s,
+                "stp": rm.stp,
+                "antt": rm.antt,
+                "fairness": rm.fairness,
+                "jain": rm.jain,
+            },
+            "name": run.name,
+            "gpu": run.gpu_name,
+            "window_s": rm.window_s,
+            "slo_ms": rm.slo,
+            "missing_baselines": rm.missing_baselines,
+            "warnings": rm.warnings,
+        }
+    )
+
+
+def summary(rms: Sequence[RunMetrics]) -> dict[str, Any]:
+    return {"schema": SUMMARY_SCHEMA, "runs": [run_summary(rm) for rm in rms]}
+
+
+def write_summary_json(rms: Sequence[RunMetrics], path: Path) -> Path:
+    path.write_bytes(orjson.dumps(summary(rms), option=orjson.OPT_INDENT_2) + b"\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# requests.csv
+
+CSV_COLUMNS = (
+    "rid", "status", "error", "measured", "in_window", "n_in", "n_out_target", "n_out", "n_tok", "n_emissions",
+    "sched_ns", "sent_ns", "first_tok_ns", "last_tok_ns", "done_ns",
+    "ttft_ms", "ttft_sched_ms", "queue_ms", "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "slo_ok",
+)  # fmt: skip
+
+
+def write_requests_csv(rms: Sequence[RunMetrics], path: Path) -> Path:
+    """One row per request of every tenant of every run (warm-up ones too, ``measured`` false).
+    Times never logged and metrics that do not apply are empty cells."""
+    import pandas as pd
+
+    frames = []
+    for rm in rms:
+        for name, tm in rm.tenants.items():
+            if tm.table is None or not len(tm.table):
+                continue
+            cols = tm.table.columns
+            data: dict[str, Any] = {"run_id": rm.run.run_id, "tenant": name}
+            for key in CSV_COLUMNS:
+                if key not in cols:
+                    data[key] = pd.array([pd.NA] * len(tm.table), dtype="boolean")
+                elif key == "slo_ok":
+                    data[key] = pd.array([pd.NA if v is None else bool(v) for v in cols[key]], dtype="boolean")
+                elif key.endswith("_ns") or key in ("n_in", "n_out_target", "n_out"):
+                    values = cols[key]
+                    data[key] = pd.array(values, dtype="Int64")
+                    data[key][values == (NO_TIME if key.endswith("_ns") else -1)] = pd.NA
+                else:
+                    data[key] = cols[key]
+            frames.append(pd.DataFrame(data))
+    columns = ["run_id", "tenant", *CSV_COLUMNS]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    frame = frame[columns]
+    frame["status"] = frame["status"].replace("", "unfinished")
+    frame.to_csv(path, index=False, float_format="%.6f")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables shared by the terminal, summary.md and report.html
+
+
+def fmt(value: float | int | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def run_tables(rm: RunMetrics) -> list[Table]:
+    """Tenant overview, latency percentiles, and the run's aggregate figures."""
+    has_slo = rm.slo is not None
+    overview = Table(
+        "Tenants",
+        ["tenant", "requests", "completed", "errors", "cancelled", "unfinished", "throughput", "NP",
+         "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "ITL p50 (ms)", "E2E p50 (ms)"]
+        + (["SLO met", "goodput (req/s)"] if has_slo else []),
+        [],
+    )  # fmt: skip
+    for name, tm in rm.tenants.items():
+        row = [
+            name, str(tm.requests), str(tm.completed), str(tm.errors), str(tm.cancelled), str(tm.incomplete),
+            f"{fmt(tm.throughput)} {tm.throughput_unit}", fmt(tm.np, 3),
+            fmt(tm.latency["ttft"]["p50"]), fmt(tm.latency["ttft"]["p99"]),
+            fmt(tm.latency["tpot"]["p50"]), fmt(tm.latency["tpot"]["p99"]),
+            fmt(tm.latency["itl"]["p50"]), fmt(tm.latency["e2e"]["p50"]),
+        ]  # fmt: skip
+        if has_slo:
+            attained = tm.slo_attainment
+            row += [("–" if attained is None else f"{100 * attained:.1f} %"), fmt(tm.goodput_req_s)]
+        overview.rows.append(row)
+    latency = Table("Latency (ms)", ["tenant", "metric", *STAT_KEYS], [])
+    for name, tm in rm.tenants.items():
+        for metric in LATENCY_METRICS:
+            stats = tm.latency[metric]
+            if all(v is None for v in stats.values()):
+                continue
+            latency.rows.append([name, metric, *(fmt(stats[k]) for k in STAT_KEYS)])
+    slowdown = Table("Slowdown vs solo (×)", ["tenant", "baseline", *(k for k, _, _ in SLOWDOWN_KEYS)], [])
+    for name, tm in rm.tenants.items():
+        if tm.slowdown is not None:
+            slowdown.rows.append(
+                [name, Path(tm.baseline_run_dir or "").name, *(fmt(tm.slowdown[k], 3) for k, _, _ in SLOWDOWN_KEYS)]
+            )
+    window = "–"
+    if rm.window_ns is not None and rm.window_s is not None:
+        window = f"{rm.window_s:.3f} s [{rm.window_ns[0]}, {rm.window_ns[1]}] ns"
+    aggregate = Table(
+        "Aggregate",
+        ["figure", "value"],
+        [
+            ["window", window],
+            ["GPU throughput (tok/s, in window)", fmt(rm.gpu_throughput_tok_s)],
+            ["GPU throughput, naive (tok/s, seed study)", fmt(rm.gpu_throughput_naive_tok_s)],
+            ["STP (Σ NP)", fmt(rm.stp, 3)],
+            ["ANTT (mean 1/NP)", fmt(rm.antt, 3)],
+            ["fairness (min NP / max NP)", fmt(rm.fairness, 3)],
+            ["Jain's index over NP", fmt(rm.jain, 3)],
+        ],
+    )
+    tables = [overview, latency]
+    if slowdown.rows:
+        tables.append(slowdown)
+    tables.append(aggregate)
+    return tables
+
+
+def setup_rows(rm: RunMetrics) -> list[list[str]]:
+    """The run's setup: GPU, mode, and per tenant its spec, share and effective SMs."""
+    run = rm.run
+    rows: list[list[str]] = []
+    for name in run.tenants:
+        cfg = run.tenant_config(name) or {}
+        man = run.tenant_manifest(name)
+        share = cfg.get("share") or man.get("share") or {}
+        share_text = ", ".join(f"{k}={v}" for k, v in share.items() if v is not None) or "none"
+        if man.get("share_applied") is False:
+            share_text += " (not applied)"
+        rows.append(
+            [
+                name,
+                str(cfg.get("model") or man.get("model") or "?"),
+                f"{cfg.get('backend') or man.get('backend') or '?'} / {cfg.get('execution') or man.get('execution') or '?'}"
+                f" / {cfg.get('dtype') or man.get('dtype') or '?'}",
+                str(cfg.get("max_batch") or man.get("max_batch") or "?"),
+                share_text,
+                fmt(man.get("effective_sms")),
+                {True: "yes", False: "NO"}.get(bool(man["mps_attached"]), "–") if man.get("mps_attached") is not None else "–",
+            ]
+        )
+    return rows
+
+
+SETUP_HEADER = ["tenant", "model", "backend / execution / dtype", "max_batch", "share", "effective SMs", "MPS attached"]
+
+
+def banner(rm: RunMetrics) -> str | None:
+    """A warning line for a run that did not end cleanly."""
+    if rm.run.status == "ok":
+        return None
+    reason = rm.run.manifest.get("reason")
+    return f"Run status {rm.run.status!r}" + (f": {reason}" if reason else "") + " — numbers may be incomplete."
+
+
+def _md_table(table: Table) -> str:
+    lines = [f"| {' | '.join(table.header)} |", "|" + "---|" * len(table.header)]
+    lines += [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in table.rows]
+    return "\n".join(lines)
+
+
+def markdown(rms: Sequence[RunMetrics], labels: dict[int, str]) -> str:
+    parts = ["# mt-analyze summary", ""]
+    for rm in rms:
+        run = rm.run
+        parts += [f"## {labels[id(rm)]} — {run.run_id}", ""]
+        if (line := banner(rm)) is not None:
+            parts += [f"> **WARNING: {line}**", ""]
+        parts += [
+            f"- folder: `{run.run_dir}`",
+            f"- mode: {run.mode}, GPU: {run.gpu_name or 'none'}, status: {run.status}",
+            "",
+            "### Setup",
+            "",
+            _md_table(Table("Setup", SETUP_HEADER, setup_rows(rm))),
+            "",
+        ]
+        for table in run_tables(rm):
+            parts += [f"### {table.title}", "", _md_table(table), ""]
+        if rm.missing_baselines:
+            parts += ["### Missing baselines", ""] + [f"- {m}" for m in rm.missing_baselines] + [""]
+        if rm.warnings:
+            parts += ["### Warnings", ""] + [f"- {w}" for w in rm.warnings] + [""]
+    return "\n".join(parts)
+
+
+def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: Any) -> None:
+    """A compact rich table per run (p50 / p99 in one cell) and its aggregate figures."""
+    from rich import box
+    from rich.table import Table as RichTable
+
+    for rm in rms:
+        if (line := banner(rm)) is not None:
+            console.print(f"[bold red]WARNING: {line}[/]", markup=True, highlight=False)
+        table = RichTable(
+            title=f"{labels[id(rm)]} · {rm.run.mode} · {rm.run.gpu_name or 'no GPU'} · latencies in ms",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        units = {tm.throughput_unit for tm in rm.tenants.values()}
+        head = ["tenant", "req", "err", "canc", "/".join(sorted(units)) or "tok/s", "NP", "TTFT p50/99", "TPOT p50/99", "E2E p50"]
+        if rm.slo is not None:
+            head.append("SLO")
+        for i, name in enumerate(head):
+            table.add_column(name, justify="left" if i == 0 else "right", min_width=6 if i == 0 else None)
+        for name, tm in rm.tenants.items():
+            lat = tm.latency
+            row = [
+                name, str(tm.requests), str(tm.errors), str(tm.cancelled),
+                fmt(tm.throughput, 1) + ("" if len(units) == 1 else f" {tm.throughput_unit}"), fmt(tm.np, 2),
+                f"{fmt(lat['ttft']['p50'], 1)}/{fmt(lat['ttft']['p99'], 1)}",
+                f"{fmt(lat['tpot']['p50'], 1)}/{fmt(lat['tpot']['p99'], 1)}",
+                fmt(lat["e2e"]["p50"], 1),
+            ]  # fmt: skip
+            if rm.slo is not None:
+                row.append("–" if tm.slo_attainment is None else f"{100 * tm.slo_attainment:.1f}%")
+            table.add_row(*row)
+        console.print(table)
+        window = "none" if rm.window_s is None else f"{rm.window_s:.3f} s"
+        console.print(
+            f"  window {window} · GPU {fmt(rm.gpu_throughput_tok_s, 1)} tok/s"
+            f" (naive {fmt(rm.gpu_throughput_naive_tok_s, 1)}) · STP {fmt(rm.stp, 3)} · ANTT {fmt(rm.antt, 3)}"
+            f" · fairness {fmt(rm.fairness, 3)} · Jain {fmt(rm.jain, 3)}",
+            highlight=False,
+        )
+        for message in rm.missing_baselines:
+            console.print(f"  {message}", style="yellow", markup=False, highlight=False)
+        for message in rm.warnings:
+            console.print(f"  warning: {message}", style="yellow", markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# report.html
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.5rem}h3{margin-top:1.5rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f2f2f2}td{white-space:nowrap}
+td:first-child,th:first-child{text-align:left}
+.banner{background:#b00020;color:#fff;padding:.6rem 1rem;border-radius:4px;font-weight:600}
+.warn{color:#8a5300}.missing{color:#8a5300}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
+.swatch{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;margin-right:.3rem;vertical-align:middle}
+"""
+
+
+def _html_table(table: Table, colors: dict[str, str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    body = []
+    for row in table.rows:
+        cells = []
+        for i, cell in enumerate(row):
+            text = html.escape(cell)
+            if i == 0 and colors and cell in colors:
+                text = f'<span class="swatch" style="background:{colors[cell]}"></span>{text}'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(plot: Plot) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(plot.title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(plot.title)}</figcaption></figure>"
+    )
+
+
+def write_html(
+    rms: Sequence[RunMetrics],
+    labels: dict[int, str],
+    run_plots: dict[int, list[Plot]],
+    across: list[Plot],
+    colors: dict[str, str],
+    path: Path,
+) -> Path:
+    """One self-contained page: every image is a data: URI, no external resource at all."""
+    esc = html.escape
+    title = "mt-analyze report — " + (rms[0].run.run_id if len(rms) == 1 else f"{len(rms)} runs")
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]  # fmt: skip
+    # A sweep opens with the comparison across its runs; a single run with its own setup.
+    if across and len(rms) > 1:
+        out.append("<h2>Across runs</h2>")
+        out += [_img(p) for p in across]
+    for rm in rms:
+        run = rm.run
+        out.append(f"<h2>{esc(labels[id(rm)])} — {esc(run.run_id)}</h2>")
+        if (line := banner(rm)) is not None:
+            out.append(f'<p class="banner">WARNING: {esc(line)}</p>')
+        gpu = run.manifest.get("gpu") or {}
+        facts = [
+            ("folder", str(run.run_dir)),
+            ("mode", str(run.mode)),
+            ("GPU", f"{gpu.get('name')} ({gpu.get('sm_count')} SMs, driver {gpu.get('driver_version')})" if gpu else "none (CPU)"),
+            ("status", run.status),
+            ("started", str(run.manifest.get("started_wall") or "–")),
+        ]
+        out.append("<ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in facts) + "</ul>")
+        out.append("<h3>Setup</h3>" + _html_table(Table("Setup", SETUP_HEADER, setup_rows(rm)), colors))
+        for table in run_tables(rm):
+            out.append(f"<h3>{esc(table.title)}</h3>" + _html_table(table, colors))
+        if rm.missing_baselines:
+            out.append("<h3>Missing baselines</h3><ul>")
+            out += [f'<li class="missing">{esc(m)}</li>' for m in rm.missing_baselines]
+            out.append("</ul>")
+        if rm.warnings:
+            out.append("<h3>Warnings</h3><ul>")
+            out += [f'<li class="warn">{esc(w)}</li>' for w in rm.warnings]
+            out.append("</ul>")
+        plots = run_plots.get(id(rm), [])
+        if len(rms) == 1:
+            plots = plots + across
+        if plots:
+            out.append("<h3>Plots</h3>")
+            out += [_img(p) for p in plots]
+    out.append("</body></html>")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path

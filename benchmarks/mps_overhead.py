@@ -124,6 +124,8 @@ def run_child(args: argparse.Namespace, label: str, env: dict[str, str], daemon:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM (timeout signals the group) must not abort the cleanup itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -439,6 +439,10 @@ class _StaticRunner:
         self.next_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.logits = torch.zeros(max_batch, vocab_size, dtype=torch.float32, device=device) if keep_logits else None
         self.cache = StaticKVCache(max_batch, cache_len, self.write_pos)
+        if impl == "reduce_overhead":
+            # Graph trees replay only if every tensor the step mutates has a fixed address
+            # (measured 2026-11-22: without this mark on write_pos Inductor skipped the graphs).
+            torch._dynamo.mark_static_address(self.write_pos)
         # Host copies of each step's tokens: two pinned buffers, so the step launched ahead
         # writes one while the host reads the other.
         self.host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
@@ -585,6 +589,9 @@ class _StaticRunner:
         if self.impl == "none":
             return
         if self.impl == "reduce_overhead":
+            from torch._dynamo.utils import counters
+
+            skips = counters["inductor"]["cudagraph_skips"]
             for b in sorted(self.buckets, reverse=True):
                 self._bucket_views(b)
                 for _ in range(3):  # warm-up run, recording run, first replay
@@ -592,6 +599,13 @@ class _StaticRunner:
                     torch.compiler.cudagraph_mark_step_begin()
                     self._fn(b)
             torch.cuda.synchronize(self.device)
+            if counters["inductor"]["cudagraph_skips"] > skips:
+                # Inductor ran the step without graphs (it logs why): refuse rather than serve
+                # a launch-bound tenant under the name graphs.
+                raise RuntimeError(
+                    "torch.compile(mode='reduce-overhead') skipped CUDA graphs for the decode step "
+                    "(see the [__cudagraphs] warning); use graph_impl=inductor_cudagraph"
+                )
             return
         self._pool = torch.cuda.graph_pool_handle()
         for b in sorted(self.buckets, reverse=True):

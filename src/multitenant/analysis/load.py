@@ -7,9 +7,12 @@ nothing here computes a metric.
 
 Speed: an events file is read as bytes, split on newlines and parsed with one ``orjson.loads``
 per line while the cyclic garbage collector is paused (a million small dicts otherwise trigger
-hundreds of useless collections and triple the time). ``tok`` events' parallel ``rid``/``n``
-lists are flattened into flat int64 arrays, one entry per (emission instant, request). Several
-large files are parsed in parallel worker processes (one per core).
+hundreds of useless collections and triple the time), except for ``tok`` lines in the exact
+form ``EventWriter`` writes: those are rewritten into one number stream and parsed by numpy in
+one call (``_parse_tok_block``), which is several times faster and gives identical columns.
+``tok`` events' parallel ``rid``/``n`` lists become flat int64 arrays, one entry per (emission
+instant, request). On machines with 4 or more cores several large files are parsed in worker
+processes.
 
 Damage: a truncated last line (what a killed writer leaves) is skipped with a warning; other
 unreadable lines are skipped and counted in a warning; nothing is dropped silently.
@@ -41,8 +44,11 @@ EVENTS_NAME = "events.jsonl"
 
 # Sentinel for "this timestamp / count was never logged". CLOCK_MONOTONIC is never negative.
 NO_TIME = -1
-# Files above this total size are parsed in worker processes (below it, start-up costs more).
+# Several event files are parsed in worker processes when they are this big together and the
+# machine has PARALLEL_MIN_CORES cores: on 2 cores the transfer back and the contention with
+# the main process ate the gain (benchmarks/RESULTS.md), so there it parses serially.
 PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+PARALLEL_MIN_CORES = 4
 
 # Telemetry keys that hold one number per sample (INTERFACES.md, "telemetry.jsonl").
 TELEMETRY_SCALARS = (
@@ -105,6 +111,27 @@ class TenantLog:
     @property
     def n_requests(self) -> int:
         return int(self.req_rid.size)
+
+    # Compact pickling for the parse workers: token times run-length encoded (a line's requests
+    # share its t), ids, counts and rows as int32 when they fit. Unpickling restores the very
+    # same arrays; it only makes the trip from a worker process cheaper.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        t = state.pop("tok_t_ns")
+        starts = np.flatnonzero(np.diff(t, prepend=t[:1] - 1)) if t.size else np.zeros(0, np.int64)
+        state["_tok_t_runs"] = (t[starts], np.diff(np.append(starts, t.size)))
+        for key in ("tok_rid", "tok_n", "tok_row"):
+            arr = state[key]
+            if arr.size and int(arr.min()) >= -(2**31) and int(arr.max()) < 2**31:
+                state[key] = arr.astype(np.int32)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        values, counts = state.pop("_tok_t_runs")
+        state["tok_t_ns"] = np.repeat(values, counts)
+        for key in ("tok_rid", "tok_n", "tok_row"):
+            state[key] = state[key].astype(np.int64, copy=False)
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -675,8 +702,8 @@ def load_runs(
 ) -> list[RunData]:
     """Read several runs. ``progress(n_bytes)`` is called after each events file.
 
-    ``parallel``: None = decide by size (worker processes when the events files together
-    exceed PARALLEL_MIN_BYTES and there is more than one file and core).
+    ``parallel``: None = decide (worker processes when there is more than one events file,
+    they exceed PARALLEL_MIN_BYTES together and the machine has PARALLEL_MIN_CORES cores).
     """
     heads: list[tuple[Path, dict[str, Any], dict[str, Any] | None, list[str]]] = []
     jobs: list[tuple[str, str, str]] = []
@@ -725,7 +752,7 @@ def _read_all(
     sizes = [os.path.getsize(j[0]) for j in jobs]
     cores = os.cpu_count() or 1
     if parallel is None:
-        parallel = len(jobs) > 1 and cores > 1 and sum(sizes) >= PARALLEL_MIN_BYTES
+        parallel = len(jobs) > 1 and cores >= PARALLEL_MIN_CORES and sum(sizes) >= PARALLEL_MIN_BYTES
     out: dict[str, TenantLog] = {}
     if not parallel:
         for job, size in zip(jobs, sizes, strict=True):

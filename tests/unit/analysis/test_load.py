@@ -281,3 +281,22 @@ def test_non_integer_tok_fields_are_skipped_not_truncated(tmp_path: Path, bad: b
     assert any("1 event(s) that do not follow event schema v1 skipped" in w for w in log.warnings)
     assert BASE_NS + 1500 * MS not in log.tok_t_ns  # the bad emission is gone, not rounded into rid 1
     assert log.tok_rid.size == 10  # the 10 good token entries of simple_run
+
+
+def test_pickled_log_is_identical(tmp_path: Path) -> None:
+    """Worker processes send TenantLogs back compacted; the arrays must come back exactly."""
+    import pickle
+
+    rb = RunBuilder(tmp_path)
+    a = rb.tenant("a").start(0).window(1000, None)
+    a.request(2**40, 1000, 1000, [1010, 1010.000001, 1020])  # an id beyond int32, times 1 ns apart
+    a.request(1, 1000, 1000, [1010, 1030])
+    log = load_run(rb.write()).tenants["a"]
+    back = pickle.loads(pickle.dumps(log))
+    for name, value in vars(log).items():
+        if isinstance(value, np.ndarray):
+            restored = getattr(back, name)
+            assert restored.dtype == value.dtype, name
+            np.testing.assert_array_equal(restored, value, err_msg=name)
+        else:
+            assert getattr(back, name) == value, name

@@ -205,7 +205,7 @@ def run_tables(rm: RunMetrics) -> list[Table]:
     for name, tm in rm.tenants.items():
         if tm.slowdown is not None:
             slowdown.rows.append(
-                [name, Path(tm.baseline_run_dir or "").name, *(fmt(tm.slowdown[k], 3) for k, _, _ in SLOWDOWN_KEYS)]
+                [name, "/".join(Path(tm.baseline_run_dir or "").parts[-2:]), *(fmt(tm.slowdown[k], 3) for k, _, _ in SLOWDOWN_KEYS)]
             )
     window = "–"
     if rm.window_ns is not None and rm.window_s is not None:
@@ -267,6 +267,12 @@ def banner(rm: RunMetrics) -> str | None:
     return f"Run status {rm.run.status!r}" + (f": {reason}" if reason else "") + " — numbers may be incomplete."
 
 
+def heading(rm: RunMetrics, labels: dict[int, str]) -> str:
+    """The run's label and id, without saying the same thing twice."""
+    label, run_id = labels[id(rm)], rm.run.run_id
+    return run_id if label in run_id else f"{label} — {run_id}"
+
+
 def _md_table(table: Table) -> str:
     lines = [f"| {' | '.join(table.header)} |", "|" + "---|" * len(table.header)]
     lines += [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in table.rows]
@@ -277,7 +283,7 @@ def markdown(rms: Sequence[RunMetrics], labels: dict[int, str]) -> str:
     parts = ["# mt-analyze summary", ""]
     for rm in rms:
         run = rm.run
-        parts += [f"## {labels[id(rm)]} — {run.run_id}", ""]
+        parts += [f"## {heading(rm, labels)}", ""]
         if (line := banner(rm)) is not None:
             parts += [f"> **WARNING: {line}**", ""]
         parts += [
@@ -401,7 +407,7 @@ def write_html(
         out += [_img(p) for p in across]
     for rm in rms:
         run = rm.run
-        out.append(f"<h2>{esc(labels[id(rm)])} — {esc(run.run_id)}</h2>")
+        out.append(f"<h2>{esc(heading(rm, labels))}</h2>")
         if (line := banner(rm)) is not None:
             out.append(f'<p class="banner">WARNING: {esc(line)}</p>')
         gpu = run.manifest.get("gpu") or {}

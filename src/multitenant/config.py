@@ -11,6 +11,7 @@ code 2 before any process, daemon or GPU context is started.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     Completion: ``split`` applied, each tenant's ``device`` filled, ``pinned_mem_limit`` in
     CUDA's ``<dev>=<size>`` form. Raises ConfigError naming the first problem.
     """
-    from multitenant.models import check_model_name
+    from multitenant.models import check_model_name, is_encoder
 
     cfg = dict(cfg)
     if cfg.get("mode") not in MODES:
@@ -212,6 +213,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             check_model_name(t["model"])
         except ValueError as e:
             raise _fail(f"{w}.model", str(e), "use synthetic:<arch>, a hub id or an existing local path") from None
+        if t["task"] == "generate" and is_encoder(t["model"]):
+            raise _fail(f"{w}.task", f"{t['model']} is an encoder and cannot generate", "use task=forward")
         if not t["max_batch"] >= 1:
             raise _fail(f"{w}.max_batch", f"must be >= 1 (got {t['max_batch']})", "set a positive batch limit")
         t["device"] = t.get("device") or cfg["device"]
@@ -227,6 +230,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if t["task"] == "forward" and t["execution"] == "graphs":
             raise _fail(f"{w}.execution", "graphs is for generate tenants", "use execution=eager for task=forward")
         _validate_workload(f"{w}.workload", t["workload"], t["max_batch"])
+        _validate_lengths(w, t)
         _validate_share(f"{w}.share", t["share"], mode, tidx)
         pct_sum += t["share"]["active_thread_pct"] or 0
     cfg["active_thread_pct_sum"] = pct_sum
@@ -271,6 +275,27 @@ def _validate_workload(w: str, wl: dict[str, Any], max_batch: int) -> None:
         raise _fail(f"{w}.warmup_requests", f"must be >= 0 (got {wl['warmup_requests']})", "use 0 or more")
     if wl["start_delay_s"] < 0:
         raise _fail(f"{w}.start_delay_s", f"must be >= 0 (got {wl['start_delay_s']})", "use 0 or more")
+
+
+def _validate_lengths(w: str, t: dict[str, Any]) -> None:
+    """Prompt + output must fit the position table of a packaged (synthetic) architecture."""
+    from multitenant.models import SYNTHETIC_PREFIX, arch_config
+
+    ds = t["workload"]["dataset"]
+    if not t["model"].startswith(SYNTHETIC_PREFIX) or ds["kind"] != "random":
+        return  # real models: checked at load, against their own config
+    arch = arch_config(t["model"][len(SYNTHETIC_PREFIX) :])
+    limit = arch.get("max_position_embeddings") or arch.get("n_positions")
+    if not limit:
+        return
+    r = ds["range_ratio"]
+    longest = math.ceil(ds["input_len"] * (1 + r)) + (math.ceil(ds["output_len"] * (1 + r)) if t["task"] == "generate" else 0)
+    if longest > limit:
+        raise _fail(
+            f"{w}.workload.dataset",
+            f"prompt + output can reach {longest} tokens but {t['model']} has {limit} positions",
+            "shorten input_len/output_len or lower range_ratio",
+        )
 
 
 def _validate_share(w: str, share: dict[str, Any], mode: str, tidx: int | None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -135,7 +136,9 @@ class Orchestrator:
 
     def _init_manifest(self) -> None:
         now = time.monotonic_ns()
-        run_id = f"{self.cfg['name']}-{self.run_dir.name}"
+        # Unique per run folder: sweep jobs are all called job<N>, and the MPS pipe dir is named after this.
+        digest = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
+        run_id = f"{self.cfg['name']}-{self.run_dir.name}-{digest}"
         self.manifest = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "run_id": run_id,
@@ -249,7 +252,7 @@ class Orchestrator:
         try:
             if self.mode == "mps":
                 gpu = self.gpu_index or 0
-                pipe_dir = Path(mcfg["pipe_dir"]) if mcfg.get("pipe_dir") else mps.default_pipe_dir(gpu, self.run_dir.name)
+                pipe_dir = Path(mcfg["pipe_dir"]) if mcfg.get("pipe_dir") else mps.default_pipe_dir(gpu, self.manifest["run_id"])
                 log_dir = Path(mcfg["log_dir"]) if mcfg.get("log_dir") else self.run_dir / "mps_log"
                 self.daemon = mps.start_daemon(pipe_dir, log_dir, gpu, timeout_s=mcfg["start_timeout_s"])
             else:

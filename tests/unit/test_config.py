@@ -161,3 +161,20 @@ def test_split_spreads_percentages_in_order(gpu_pair: dict[str, Any]) -> None:
 )
 def test_pinned_mem_limit_normalised(given: str, dev: int, expected: str) -> None:
     assert parse_pinned_mem_limit(given, dev) == expected
+
+
+def test_encoder_cannot_generate(pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["model"] = "synthetic:bert-base"
+    with pytest.raises(ConfigError, match=r"^tenants\.a\.task: .*encoder.*task=forward"):
+        validate(cfg)
+    cfg["tenants"]["a"]["task"] = "forward"
+    validate(cfg)
+
+
+def test_lengths_must_fit_the_position_table(pair: dict[str, Any]) -> None:
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["model"] = "synthetic:gpt2"  # 1024 positions
+    cfg["tenants"]["a"]["workload"]["dataset"].update(input_len=1000, output_len=100, range_ratio=0.0)
+    with pytest.raises(ConfigError, match=r"^tenants\.a\.workload\.dataset: .*1100 tokens.*1024 positions"):
+        validate(cfg)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from multitenant.events import read_events
+from tests.event_checks import check_request_invariants
 
 pytestmark = pytest.mark.slow
 
@@ -51,22 +51,11 @@ def tenant_pids_alive(manifest: dict[str, Any]) -> list[int]:
 def check_events(path: Path) -> dict[str, Any]:
     events = read_events(path)
     assert events[0]["ev"] == "run_start" and events[0]["schema"] == 1
-    ts = [e["t"] for e in events]
-    assert ts == sorted(ts), f"t decreases in {path}"
     kinds = [e["ev"] for e in events]
     if "window" in kinds:
         assert kinds.index("ready") < kinds.index("window")
     assert kinds[-1] == "run_end", "the tenant exited through its own cleanup"
-    per: dict[int, dict[str, Any]] = defaultdict(lambda: {"tok": 0})
-    for e in events:
-        if e["ev"] == "tok":
-            for rid, n in zip(e["rid"], e["n"], strict=True):
-                per[rid]["tok"] += n
-        elif e["ev"] in ("sched", "sent", "done"):
-            per[e["rid"]][e["ev"]] = e
-    for rid, r in per.items():
-        assert "sent" in r and "done" in r, f"request {rid}: every sent has a done"
-        assert r["tok"] == r["done"]["n_out"], f"request {rid}: tok counts equal n_out"
+    per = check_request_invariants(events)
     return {"events": events, "requests": per}
 
 

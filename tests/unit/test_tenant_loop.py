@@ -6,9 +6,10 @@ runs the same loop in tests/integration/test_pair_tiny.py.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from multitenant.events import EventWriter, read_events
 from multitenant.tenant import RequestLoop, TenantStopped
 from multitenant.workload import RequestSource
+from tests.event_checks import check_request_invariants
 
 
 class ScriptedEngine:
@@ -56,37 +58,15 @@ def run_loop(tmp_path: Path, arrival: dict[str, Any], task: str = "generate", ma
         threading.Timer(stop_after_s, stop.set).start()
     t0 = time.monotonic_ns() + 20_000_000
     end = t0 + int(duration_s * 1e9) if duration_s else None
-    try:
+    with contextlib.suppress(TenantStopped):
         loop.serve(arrival, t0, end, n)
-    except TenantStopped:
-        pass
     w.close()
     return read_events(tmp_path / "events.jsonl"), loop, eng
 
 
-def check_invariants(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    ts = [e["t"] for e in events]
-    assert ts == sorted(ts), "t never decreases within a file"
-    per: dict[int, dict[str, Any]] = defaultdict(lambda: {"tok": 0})
-    for e in events:
-        if e["ev"] == "tok":
-            for rid, n in zip(e["rid"], e["n"], strict=True):
-                per[rid]["tok"] += n
-        elif e["ev"] in ("sched", "sent", "done"):
-            assert e["ev"] not in per[e["rid"]], f"one {e['ev']} per request"
-            per[e["rid"]][e["ev"]] = e
-    for rid, r in per.items():
-        assert "sched" in r and "sent" in r and "done" in r, f"request {rid} is complete"
-        assert r["sched"]["t"] <= r["sent"]["t"] <= r["done"]["t"]
-        assert r["tok"] == r["done"]["n_out"], "tok counts equal n_out"
-        if r["done"]["status"] == "ok":
-            assert r["done"]["n_out"] == r["sched"]["n_out_target"]
-    return per
-
-
 def test_closed_loop_count(tmp_path: Path) -> None:
     events, loop, eng = run_loop(tmp_path, {"kind": "closed", "concurrency": 4}, n=10)
-    per = check_invariants(events)
+    per = check_request_invariants(events)
     assert len(per) == 10 and all(r["done"]["status"] == "ok" for r in per.values())
     assert loop.counts["requests"] == 10
     assert loop.counts["tokens"] == sum(r["tok"] for r in per.values())
@@ -97,7 +77,7 @@ def test_closed_loop_count(tmp_path: Path) -> None:
 
 def test_open_loop_keeps_intended_times_and_order(tmp_path: Path) -> None:
     events, loop, _ = run_loop(tmp_path, {"kind": "constant", "rate": 400.0}, n=40)
-    per = check_invariants(events)
+    per = check_request_invariants(events)
     scheds = sorted(r["sched"]["t"] for r in per.values())
     gaps = {b - a for a, b in zip(scheds, scheds[1:], strict=False)}
     # 1/400 s = 2.5 ms exactly, whatever the loop was doing when they came due.
@@ -107,7 +87,7 @@ def test_open_loop_keeps_intended_times_and_order(tmp_path: Path) -> None:
 
 def test_duration_cancels_in_flight(tmp_path: Path) -> None:
     events, loop, _ = run_loop(tmp_path, {"kind": "closed", "concurrency": 8}, duration_s=0.15)
-    per = check_invariants(events)
+    per = check_request_invariants(events)
     statuses = Counter(r["done"]["status"] for r in per.values())
     assert statuses["cancelled"] >= 1 and statuses["ok"] >= 1
     assert loop.counts["cancelled"] == statuses["cancelled"]
@@ -115,13 +95,13 @@ def test_duration_cancels_in_flight(tmp_path: Path) -> None:
 
 def test_stop_cancels_and_raises(tmp_path: Path) -> None:
     events, loop, _ = run_loop(tmp_path, {"kind": "closed", "concurrency": 4}, n=100000, stop_after_s=0.2)
-    per = check_invariants(events)
+    per = check_request_invariants(events)
     assert any(r["done"]["status"] == "cancelled" for r in per.values())
 
 
 def test_forward_task_logs_iterations(tmp_path: Path) -> None:
     events, loop, eng = run_loop(tmp_path, {"kind": "closed", "concurrency": 6}, task="forward", max_batch=3, n=12)
-    check_invariants(events)
+    check_request_invariants(events)
     iters = [e for e in events if e["ev"] == "iter"]
     assert [e["i"] for e in iters] == list(range(len(iters)))
     assert sum(e["batch"] for e in iters) == 12 and all(e["batch"] <= 3 for e in iters)
@@ -132,5 +112,5 @@ def test_forward_task_logs_iterations(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["poisson", "gamma"])
 def test_open_loop_with_duration(tmp_path: Path, kind: str) -> None:
     events, _, _ = run_loop(tmp_path, {"kind": kind, "rate": 200.0, "burstiness": 0.5, "seed": 2}, duration_s=0.3)
-    per = check_invariants(events)
+    per = check_request_invariants(events)
     assert 20 < len(per) < 120

@@ -196,3 +196,41 @@ def test_duplicate_tenant_names_exit_2(tmp_path: Path, mt_env: dict[str, str], r
     assert res.returncode == 2
     assert "tenant name 'a' appears twice" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_job_failure_does_not_stop_the_others(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    sweep = tmp_path / "sweep"
+    env = dict(mt_env, HF_HUB_OFFLINE="1")
+    res = mt_run(
+        ["-m", "--config-name", "multitenant/pair_tiny", f"hydra.sweep.dir={sweep}", "progress=false",
+         "tenants.a.workload.duration_s=2", "tenants.b.workload.duration_s=2",
+         "tenants.b.model=no-such-org/no-such-model,synthetic:tiny-llama"], env, tmp_path, 180
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    statuses = [json.loads((sweep / f"job{i}" / "manifest.json").read_text())["status"] for i in (0, 1)]
+    assert statuses == ["failed", "ok"]
+    for i in (0, 1):
+        assert tenant_pids_alive(json.loads((sweep / f"job{i}" / "manifest.json").read_text())) == []
+
+
+def test_sweep_with_a_bad_value_runs_the_good_jobs(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    sweep = tmp_path / "sweep"
+    res = mt_run(
+        ["-m", "--config-name", "multitenant/pair_tiny", f"hydra.sweep.dir={sweep}", "progress=false",
+         "tenants.a.workload.duration_s=2", "tenants.b.workload.duration_s=2", "tenants.a.max_batch=0,2"],
+        mt_env, tmp_path, 180,
+    )
+    assert res.returncode == 2
+    assert "tenants.a.max_batch" in res.stderr
+    assert not (sweep / "job0").exists(), "a job refused for its config leaves no folder"
+    assert json.loads((sweep / "job1" / "manifest.json").read_text())["status"] == "ok"
+
+
+def test_ready_barrier_timeout(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "run"
+    res = mt_run(["--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}", *SHORT, "ready_timeout_s=0.5"],
+                 mt_env, tmp_path)
+    assert res.returncode == 1
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "failed" and "not ready after ready_timeout_s=0.5" in m["reason"]
+    assert tenant_pids_alive(m) == []

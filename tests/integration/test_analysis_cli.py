@@ -95,13 +95,13 @@ def test_sweep_folder_with_solo_runs(tmp_path: Path) -> None:
     assert "telemetry" not in {p.stem for p in (out / "job0").iterdir()}  # no telemetry.jsonl: no plot
 
 
-def test_default_output_folder_is_plots_run_name(tmp_path: Path) -> None:
-    run_dir = simple_run(tmp_path / "exp", "20261122-101010-000001").write()
+def test_default_output_folder_is_plots_experiment_run(tmp_path: Path) -> None:
+    run_dir = simple_run(tmp_path / "pair_x", "20261122-101010-000001").write()
     work = tmp_path / "cwd"
     work.mkdir()
     proc = mt_analyze(run_dir, cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert (work / "plots" / "20261122-101010-000001" / "report.html").is_file()
+    assert (work / "plots" / "pair_x" / "20261122-101010-000001" / "report.html").is_file()
 
 
 def test_failed_run_and_truncated_log_are_analysed_with_warnings(tmp_path: Path) -> None:

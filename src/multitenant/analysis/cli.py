@@ -63,14 +63,16 @@ def _head(run_dir: Path) -> RunData:
 
 
 def default_out(paths: list[Path]) -> Path:
-    """plots/<name of the run or sweep folder>; several PATHs: their common parent's name."""
+    """plots/<experiment>/<run or sweep folder>, mirroring experiments/<name>/<time>/ (run folder
+    names are timestamps, which alone say nothing); several PATHs: their common folder instead."""
     resolved = [p.resolve() for p in paths]
     if len(resolved) == 1:
-        name = resolved[0].name
+        target = resolved[0]
     else:
         common = Path(os.path.commonpath([str(p) for p in resolved]))
-        name = common.name if common.name and common not in resolved else resolved[0].name
-    return Path("plots") / (name or "analysis")
+        target = common if common.name and common not in resolved else resolved[0]
+    parts = [part for part in (target.parent.name, target.name) if part]
+    return Path("plots", *parts) if parts else Path("plots") / "analysis"
 
 
 def run_labels(run_dirs: list[Path]) -> dict[Path, str]:

@@ -12,6 +12,7 @@ then from runs found beside each run (``find_beside``). Exit codes: 0 done, 2 ba
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -76,12 +77,31 @@ def default_out(paths: list[Path]) -> Path:
 
 
 def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
-    """Short unique names: the path below the runs' common folder, '/' -> '__'."""
+    """Short unique names, also used as folder names: the path below the runs' common folder
+    ('/' -> '__'), followed by the command-line overrides that differ between the runs, so sweep
+    jobs read ``job1__split=50-50`` rather than ``job1`` ('/' in values -> '-')."""
     if len(run_dirs) == 1:
         return {run_dirs[0]: run_dirs[0].resolve().name}
     resolved = [d.resolve() for d in run_dirs]
     common = Path(os.path.commonpath([str(d) for d in resolved]))
-    return {d: "__".join(r.relative_to(common).parts) or r.name for d, r in zip(run_dirs, resolved, strict=True)}
+    overrides = {d: _overrides(d) for d in run_dirs}
+    keys = sorted({k for o in overrides.values() for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
+    labels = {}
+    for d, r in zip(run_dirs, resolved, strict=True):
+        parts = list(r.relative_to(common).parts) or [r.name]
+        parts += [f"{k.rsplit('.', 1)[-1]}={overrides[d][k]}".replace("/", "-") for k in varying if k in overrides[d]]
+        labels[d] = "__".join(parts)
+    return labels
+
+
+def _overrides(run_dir: Path) -> dict[str, str]:
+    """The run's command-line overrides (manifest.json) as key -> value; {} when unreadable."""
+    try:
+        items = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("overrides") or []
+    except (OSError, ValueError):
+        return {}
+    return dict(str(item).split("=", 1) for item in items if "=" in str(item) and not str(item).startswith("hydra."))
 
 
 def analyse(args: argparse.Namespace) -> int:

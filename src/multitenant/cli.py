@@ -27,6 +27,7 @@ DEFAULT_HYDRA_OVERRIDES = (
     "hydra.sweep.dir=${output_root}/${name}/sweep-${now:%Y%m%d-%H%M%S-%f}",
     # Job folders by number only: override values such as split=70/30 contain '/'.
     "hydra.sweep.subdir=job${hydra.job.num}",
+    "hydra.job.name=mt-run",  # Hydra's own log: <run_dir>/mt-run.log
 )
 
 _exit_codes: list[int] = []

@@ -297,7 +297,8 @@ def plot_across(
         return []
     plots: list[Plot] = []
     multi = len({id(rm) for rm, _, _ in rows}) > 1
-    names = [f"{labels[id(rm)]}\n{name}" if multi else name for rm, name, _ in rows]
+    # Run labels can be long (job1__split=50-50): one line per "__" part, so they never collide.
+    names = [f"{labels[id(rm)].replace('__', chr(10))}\n{name}" if multi else name for rm, name, _ in rows]
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
     x = np.arange(len(rows))

@@ -130,6 +130,7 @@ class Orchestrator:
         self.selector = selectors.DefaultSelector()
         self.manifest: dict[str, Any] = {}
         self.window: tuple[int, int | None] | None = None
+        self.progress: Any = None  # progress.LiveProgress, set by the caller
         self.gpu_index = device_index(cfg["device"])  # the harness's cuda:<i>; None on the CPU
 
     # -- manifest --------------------------------------------------------------------------
@@ -392,8 +393,6 @@ class Orchestrator:
                     tp.state = "finished"
         if self.progress is not None:
             self.progress.update(self)
-
-    progress: Any = None  # ui.LiveProgress, set by the caller
 
     def _on_message(self, tp: TenantProc, msg: dict[str, Any]) -> None:
         kind = msg.get("msg")

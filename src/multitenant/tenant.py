@@ -253,9 +253,10 @@ class RequestLoop:
                 if not closed and next_sched >= len(schedule) and in_flight == 0:
                     return
                 self._progress(now)
+                # Sleep until the next arrival or the end, but never longer than IDLE_SLEEP_MAX_S.
                 nxt = schedule[next_sched] if (not closed and next_sched < len(schedule)) else None
-                deadline = min(x for x in (nxt, end_ns) if x is not None) if (nxt or end_ns) else None
-                sleep_s = IDLE_SLEEP_MAX_S if deadline is None else min(IDLE_SLEEP_MAX_S, (deadline - now) / 1e9)
+                wake = [x for x in (nxt, end_ns) if x is not None]
+                sleep_s = min([IDLE_SLEEP_MAX_S] + [(x - now) / 1e9 for x in wake])
                 if sleep_s > 0:
                     time.sleep(sleep_s)
         finally:

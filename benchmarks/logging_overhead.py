@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_args import add_engine_args, engine_from_args
 
 from multitenant.backend_hf import HFEngine
 from multitenant.events import EV_DONE, EV_SCHED, EV_SENT, EV_TOK, EventWriter
@@ -59,23 +60,13 @@ def serve(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="synthetic:llama-3.2-1b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--execution", default="graphs")
-    ap.add_argument("--graph-impl", default="inductor_cudagraph")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--input-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_engine_args(ap)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--batches-per-round", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    engine = HFEngine(
-        args.model, args.dtype, args.device, args.execution, "generate", args.batch, args.input_len,
-        args.output_len, graph_impl=args.graph_impl, batch_buckets=[args.batch],
-    )  # fmt: skip
+    engine = engine_from_args(args)
     t0 = time.monotonic()
     engine.load()
     engine.warmup()

@@ -30,15 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine_args import add_engine_args, engine_from_args
+
 
 def child(args: argparse.Namespace) -> int:
     """A tenant: load + warm up, report READY, wait for 'go', measure, report RESULT."""
-    from multitenant.backend_hf import HFEngine
-
-    engine = HFEngine(
-        args.model, args.dtype, args.device, args.execution, "generate", args.batch, args.input_len,
-        args.output_len, graph_impl=args.graph_impl, batch_buckets=[args.batch],
-    )  # fmt: skip
+    engine = engine_from_args(args)
     t0 = time.monotonic()
     engine.load()
     load_s = time.monotonic() - t0
@@ -132,14 +129,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="synthetic:llama-3.2-1b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--execution", default="graphs")
-    ap.add_argument("--graph-impl", default="inductor_cudagraph")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--input-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_engine_args(ap)
     ap.add_argument("--batches", type=int, default=5, help="measured batches per configuration")
     ap.add_argument("--pcts", default="100,50,25")
     ap.add_argument("--pipe-dir", default=None, help="MPS pipe directory (default: a fresh one under /tmp)")

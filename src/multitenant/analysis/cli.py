@@ -12,7 +12,6 @@ then from runs found beside each run (``find_beside``). Exit codes: 0 done, 2 ba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -76,15 +75,17 @@ def default_out(paths: list[Path]) -> Path:
     return Path("plots", *parts) if parts else Path("plots") / "analysis"
 
 
-def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
+def run_labels(run_overrides: dict[Path, list[str]]) -> dict[Path, str]:
     """Short unique names, also used as folder names: the path below the runs' common folder
-    ('/' -> '__'), followed by the command-line overrides that differ between the runs, so sweep
-    jobs read ``job1__split=50-50`` rather than ``job1`` ('/' in values -> '-')."""
+    ('/' -> '__'), followed by the command-line overrides (manifest ``overrides``, given per run
+    folder) that differ between the runs, so sweep jobs read ``job1__split=50-50`` rather than
+    ``job1`` ('/' in values -> '-')."""
+    run_dirs = list(run_overrides)
     if len(run_dirs) == 1:
         return {run_dirs[0]: run_dirs[0].resolve().name}
     resolved = [d.resolve() for d in run_dirs]
     common = Path(os.path.commonpath([str(d) for d in resolved]))
-    overrides = {d: _overrides(d) for d in run_dirs}
+    overrides = {d: _as_dict(run_overrides[d]) for d in run_dirs}
     keys = sorted({k for o in overrides.values() for k in o})
     varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
     labels = {}
@@ -95,13 +96,9 @@ def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
     return labels
 
 
-def _overrides(run_dir: Path) -> dict[str, str]:
-    """The run's command-line overrides (manifest.json) as key -> value; {} when unreadable."""
-    try:
-        items = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("overrides") or []
-    except (OSError, ValueError):
-        return {}
-    return dict(str(item).split("=", 1) for item in items if "=" in str(item) and not str(item).startswith("hydra."))
+def _as_dict(items: list[str]) -> dict[str, str]:
+    """``["split=70/30", ...]`` -> ``{"split": "70/30"}``; Hydra's own keys are left out."""
+    return dict(str(i).split("=", 1) for i in items if "=" in str(i) and not str(i).startswith("hydra."))
 
 
 def analyse(args: argparse.Namespace) -> int:
@@ -202,7 +199,8 @@ def write_outputs(rms: list[RunMetrics], out: Path, fmt: str, trace: bool, conso
     from multitenant.analysis.trace import write_trace
 
     out.mkdir(parents=True, exist_ok=True)
-    labels_by_dir = run_labels([rm.run.run_dir for rm in rms])
+    # The manifests are already loaded: take the overrides from there, not from disk again.
+    labels_by_dir = run_labels({rm.run.run_dir: list(rm.run.manifest.get("overrides") or []) for rm in rms})
     labels = {id(rm): labels_by_dir[rm.run.run_dir] for rm in rms}
     colors = plots.tenant_colors(name for rm in rms for name in rm.tenants)
     written: dict[str, Path] = {

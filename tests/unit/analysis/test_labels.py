@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from multitenant.analysis.cli import default_out, run_labels
 
 
-def job(root: Path, name: str, overrides: list[str]) -> Path:
+def job(root: Path, name: str) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({"overrides": overrides}))
     return d
 
 
 def test_sweep_jobs_are_labelled_by_what_varies(tmp_path: Path) -> None:
     common = ["tenants.a.workload.duration_s=10", "progress=False"]
-    dirs = [job(tmp_path, f"job{i}", [f"split={s}", *common]) for i, s in enumerate(["90/10", "50/50"])]
-    assert run_labels(dirs) == {dirs[0]: "job0__split=90-10", dirs[1]: "job1__split=50-50"}
+    splits = ["90/10", "50/50"]
+    dirs = [job(tmp_path, f"job{i}") for i in range(2)]
+    assert run_labels({d: [f"split={s}", *common] for d, s in zip(dirs, splits, strict=True)}) == {dirs[0]: "job0__split=90-10", dirs[1]: "job1__split=50-50"}
 
 
-def test_nested_keys_use_their_last_part_and_missing_manifest_is_fine(tmp_path: Path) -> None:
-    a = job(tmp_path, "job0", ["tenants.a.share.active_thread_pct=30"])
-    b = job(tmp_path, "job1", ["tenants.a.share.active_thread_pct=70"])
-    c = tmp_path / "other"
-    c.mkdir()
-    labels = run_labels([a, b, c])
+def test_nested_keys_use_their_last_part_and_missing_overrides_are_fine(tmp_path: Path) -> None:
+    a, b, c = job(tmp_path, "job0"), job(tmp_path, "job1"), job(tmp_path, "other")
+    labels = run_labels({
+        a: ["tenants.a.share.active_thread_pct=30"],
+        b: ["tenants.a.share.active_thread_pct=70"],
+        c: [],
+    })
     assert labels[a] == "job0__active_thread_pct=30"
     assert labels[b] == "job1__active_thread_pct=70"
     assert labels[c] == "other"

@@ -39,9 +39,11 @@ from typing import Any
 
 import torch
 
-from multitenant.backend_hf import HFEngine, cache_length
-from multitenant.events import EV_DONE, EV_SENT, EV_TOK, EventWriter, read_events
+from multitenant.backends.hf.batching import cache_length
+from multitenant.backends.hf.engine import HFEngine
+from multitenant.events import EventWriter, read_events
 from multitenant.models import build_model
+from multitenant.schema import EV_DONE, EV_SENT, EV_TOK
 
 # Most informative first: a run that hits --time-budget-s skips the tail.
 DEFAULT_VARIANTS = (

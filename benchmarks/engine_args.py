@@ -20,7 +20,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
 
 def engine_from_args(args: argparse.Namespace) -> Any:
     """An HFEngine for exactly ``--batch`` requests (one graph bucket), not yet loaded."""
-    from multitenant.backend_hf import HFEngine
+    from multitenant.backends.hf.engine import HFEngine
 
     return HFEngine(
         args.model, args.dtype, args.device, args.execution, "generate", args.batch, args.input_len,

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from engine_args import add_engine_args, engine_from_args
 
-from multitenant.backend_hf import HFEngine
-from multitenant.events import EV_DONE, EV_SCHED, EV_SENT, EV_TOK, EventWriter
+from multitenant.backends.hf.engine import HFEngine
+from multitenant.events import EventWriter
+from multitenant.schema import EV_DONE, EV_SCHED, EV_SENT, EV_TOK
 
 
 def serve(

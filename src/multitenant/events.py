@@ -5,10 +5,9 @@ One JSON object per line: ``{"t": <int ns of time.monotonic_ns()>, "ev": <kind>,
 tenants line up without any clock synchronisation.
 
 Cost model: ``emit`` serialises with orjson into an in-memory list (about a microsecond) and
-never touches the file; whole lines go to the file in one ``os.write`` when the buffer is
-large or the last flush is older than ``flush_interval_s``. A background thread flushes an
-idle writer, so a tenant that waits for work still has its events on disk within a second.
-``close`` flushes and fsyncs. A process killed with SIGKILL therefore leaves every line it
+never touches the file: a background thread writes whole lines in one ``os.write`` when the
+buffer is large (``emit`` wakes it) or the last flush is older than ``flush_interval_s``, so
+the serving loop never waits for the disk. ``close`` flushes and fsyncs. A process killed with SIGKILL therefore leaves every line it
 flushed, and at worst loses the last ``flush_interval_s`` of events, never half a line of an
 earlier flush (``os.write`` of one buffer to a regular file is not interleaved with ours).
 """
@@ -23,31 +22,15 @@ from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 1
-
-# Event kinds of schema v1, in the order a request normally produces them.
-EV_RUN_START = "run_start"
-EV_READY = "ready"
-EV_WINDOW = "window"
-EV_SCHED = "sched"
-EV_SENT = "sent"
-EV_TOK = "tok"
-EV_DONE = "done"
-EV_ITER = "iter"
-EV_RUN_END = "run_end"
-EVENT_KINDS = (EV_RUN_START, EV_READY, EV_WINDOW, EV_SCHED, EV_SENT, EV_TOK, EV_DONE, EV_ITER, EV_RUN_END)
-
-# `done.status` values.
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-STATUS_CANCELLED = "cancelled"
+# Event kinds, statuses and the schema version live in multitenant.schema (shared with analysis).
 
 
 class EventWriter:
     """Buffered, line-atomic JSONL writer for one tenant's ``events.jsonl``.
 
-    Not thread-safe for ``emit`` from several threads at once beyond what the internal lock
-    gives: the lock only guards the buffer swap against the background flusher.
+    ``emit`` is meant for one thread (the tenant loop); the internal lock guards the buffer
+    swap against the background flusher. Without ``background_flush`` (tests, benchmarks)
+    ``emit`` writes a due buffer itself.
     """
 
     def __init__(
@@ -69,6 +52,7 @@ class EventWriter:
         self._closed = False
         self.lines_written = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by emit when a flush is due
         self._thread: threading.Thread | None = None
         if background_flush:
             self._thread = threading.Thread(target=self._flush_loop, name="event-flusher", daemon=True)
@@ -85,7 +69,10 @@ class EventWriter:
             self._lines.append(line)
             due = len(self._lines) >= self._max_lines or t - self._last_flush_ns >= self._flush_interval_ns
         if due:
-            self.flush()
+            if self._thread is not None:
+                self._wake.set()
+            else:
+                self.flush()
         return t
 
     def flush(self) -> None:
@@ -105,8 +92,10 @@ class EventWriter:
 
     def _flush_loop(self) -> None:
         interval = self._flush_interval_ns / 1e9
-        while not self._stop.wait(interval / 2):
-            if time.monotonic_ns() - self._last_flush_ns >= self._flush_interval_ns:
+        while not self._stop.is_set():
+            woken = self._wake.wait(interval / 2)
+            self._wake.clear()
+            if woken or time.monotonic_ns() - self._last_flush_ns >= self._flush_interval_ns:
                 self.flush()
 
     def close(self, fsync: bool = True) -> None:
@@ -114,6 +103,7 @@ class EventWriter:
         if self._closed:
             return
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.flush()

@@ -204,3 +204,38 @@ def build_model(
         "dtype": dtype,
     }
     return model, info
+
+
+def model_vocab_size(name: str) -> int:
+    """Vocabulary size of a model without building it: the packaged arch for ``synthetic:<arch>``,
+    else the model's ``config.json`` through transformers' AutoConfig (hub cache or local path)."""
+    if name.startswith(SYNTHETIC_PREFIX):
+        return int(arch_config(name[len(SYNTHETIC_PREFIX) :])["vocab_size"])
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(name) if _is_path_like(name) else name
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise OSError(
+            f"cannot read the config of model {name!r} ({' '.join(str(e).split())[:300]}); check the hub id or "
+            "path, or give the vocabulary size in the backend's options"
+        ) from e
+    return int(config.vocab_size)
+
+
+def synthetic_model_dir(name: str, dtype: str, dest: Path) -> Path:
+    """A model folder for engines that load from a path (vLLM, a launched server) with dummy
+    weights: ``dest/config.json`` of a packaged arch, its dtype set. Returns ``dest``.
+
+    Such engines read the architecture from this file and make up the weights themselves
+    (vLLM: ``load_format=dummy``, ``skip_tokenizer_init``), so nothing is downloaded.
+    """
+    if not name.startswith(SYNTHETIC_PREFIX):
+        raise ValueError(f"{name} is not a synthetic:<arch> model")
+    cfg = arch_config(name[len(SYNTHETIC_PREFIX) :])
+    cfg["torch_dtype"] = dtype
+    cfg["dtype"] = dtype
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return dest

@@ -5,7 +5,7 @@ init: one CUDA context each)::
 
     python -m multitenant.tenant --spec tenants/<name>/spec.json --ctl-in FD --ctl-out FD
 
-Lifecycle: ``run_start`` -> load model -> warm up (compile/capture, then ``warmup_requests``
+Lifecycle: ``run_start`` -> load the engine (``backends.make_engine``: hf, vllm or openai) -> warm up (compile/capture, then ``warmup_requests``
 served closed-loop) -> ``ready`` (to the log and to the orchestrator) -> wait for the window
 announcement -> ``window`` -> serve the measured stream until its stop condition -> ``run_end``.
 
@@ -13,25 +13,35 @@ Control channel (JSON lines over two pipes): tenant -> orchestrator ``ready``, `
 ``error``; orchestrator -> tenant ``window`` {t0, t1} and ``stop``. End-of-file on the command
 pipe means the orchestrator is gone: the tenant stops as on SIGTERM, so it never outlives it.
 
-The token loop is single-threaded and does no I/O: each ``tok`` line is serialised into the
-event writer's buffer (about a microsecond) right after ``engine.step()`` has synchronised the
-device, and ``t`` is read after that synchronisation.
+The serving loop (``RequestLoop``) is single-threaded and does no I/O: prompts are built
+before ``ready``, each event is serialised into the event writer's buffer (about a
+microsecond; the writer's own thread writes the file), and ``gc.freeze()`` after warm-up keeps
+the collector off everything built until then. A ``tok`` line's ``t`` is the engine's: after
+the step's device work is synchronised (``hf``), or when a delta was received (``vllm``,
+``openai``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
-from multitenant.events import (
+import psutil
+
+from multitenant.backends import Completion, Emission, Engine, EngineFailed, Iteration, make_engine
+from multitenant.events import EventWriter
+from multitenant.schema import (
     EV_DONE,
     EV_ITER,
     EV_READY,
@@ -41,37 +51,29 @@ from multitenant.events import (
     EV_SENT,
     EV_TOK,
     EV_WINDOW,
-    SCHEMA_VERSION,
+    EVENT_SCHEMA_VERSION,
     STATUS_CANCELLED,
+    STATUS_ERROR,
     STATUS_OK,
-    EventWriter,
+    TENANT_ERROR,
+    TENANT_INTERRUPTED,
+    TENANT_OK,
 )
 from multitenant.workload import RequestSource, RequestSpec, open_loop_schedule
 
 PROGRESS_INTERVAL_NS = 500_000_000
-IDLE_SLEEP_MAX_S = 0.005  # idle wait granularity: bounds how late a stop or an arrival is noticed
+IDLE_SLEEP_MAX_S = 0.005  # longest poll wait: bounds how late a stop is noticed
+PREFETCH_MAX = 8192  # requests built before the measured phase at most (the rest in blocks)
 
 
 class TenantStopped(Exception):
     """The orchestrator asked this tenant to stop (stop command, SIGTERM, or orchestrator gone)."""
 
 
-# True while the request loop runs: it polls the stop flag between steps and cancels in-flight
-# requests cleanly, so a signal then only sets the flag. Outside it (model loading, waiting for
-# the window) a signal raises TenantStopped at once.
+# True while the request loop runs: it polls the stop flag between polls of the engine and
+# cancels in-flight requests cleanly, so a signal then only sets the flag. Outside it (model
+# loading, waiting for the window) a signal raises TenantStopped at once.
 _polling_stop = False
-
-
-class Engine(Protocol):
-    """What the request loop needs from a backend (see backend_hf.HFEngine)."""
-
-    vocab_size: int
-
-    def start_batch(self, prompts: list[list[int]], n_out: list[int]) -> None: ...
-
-    def step(self) -> list[int]: ...
-
-    def forward_batch(self, prompts: list[list[int]]) -> None: ...
 
 
 class ControlChannel:
@@ -116,11 +118,16 @@ class ControlChannel:
 
 
 class RequestLoop:
-    """Serves one phase of the stream (warm-up or measured) and logs every event.
+    """Serves one phase of the stream (warm-up or measured) through an engine and logs every event.
 
-    Ordering rule that keeps ``t`` non-decreasing in the file: before any event at time t is
-    written, every open-loop arrival due at or before t is written (``sched`` at its intended
-    time, then ``sent`` at t).
+    The loop owns arrivals, stop conditions and the log; the engine owns batching (see
+    ``backends``). One iteration: submit what is due (``sent`` at the time of the last poll),
+    check the stop conditions, poll the engine, write what it reports.
+
+    Ordering rule that keeps ``t`` non-decreasing in the file: before an event at time t is
+    written, the ``sched`` line of every open-loop arrival due at or before t is written (at its
+    intended time); its ``sent`` follows at the poll's ``now_ns``, after which the engine reports
+    nothing older.
     """
 
     def __init__(
@@ -129,7 +136,6 @@ class RequestLoop:
         writer: EventWriter,
         source: RequestSource,
         task: str,
-        max_batch: int,
         stop: threading.Event,
         ctl: ControlChannel | None,
     ) -> None:
@@ -137,7 +143,6 @@ class RequestLoop:
         self.w = writer
         self.source = source
         self.task = task
-        self.max_batch = max_batch
         self.stop = stop
         self.ctl = ctl
         self.counts = {"requests": 0, "tokens": 0, "errors": 0, "cancelled": 0}
@@ -152,113 +157,116 @@ class RequestLoop:
         max_requests: int | None,
     ) -> None:
         closed = arrival["kind"] == "closed"
+        concurrency = arrival.get("concurrency") or 1
         schedule: list[int] = [] if closed else open_loop_schedule(arrival, start_ns, max_requests, end_ns)
-        next_sched = 0  # index into schedule of the next arrival not yet logged
+        n_sched = len(schedule)
+        next_sched = 0  # index into schedule of the next arrival whose sched is not yet written
+        due: collections.deque[RequestSpec] = collections.deque()  # sched written, not yet sent
         issued = 0
-        in_flight = 0  # sent and not done
-        waiting: collections.deque[RequestSpec] = collections.deque()
-        batch: list[RequestSpec] = []
-        got: list[int] = []
-        w = self.w
-        generates = self.task == "generate"
+        in_flight: dict[int, list[Any]] = {}  # rid -> [request, tokens received]
+        w, engine, counts = self.w, self.engine, self.counts
+        n_target = self.task == "generate"
+
+        def log_due(t: int) -> None:
+            nonlocal next_sched
+            while next_sched < n_sched and schedule[next_sched] <= t:
+                req = self.source.next()
+                w.emit(EV_SCHED, schedule[next_sched], rid=req.rid, n_in=req.n_in, n_out_target=req.n_out if n_target else 0)
+                due.append(req)
+                next_sched += 1
+
+        def send(req: RequestSpec, t: int) -> None:
+            nonlocal issued
+            w.emit(EV_SENT, t, rid=req.rid)
+            in_flight[req.rid] = [req, 0]
+            engine.submit(req)
+            issued += 1
 
         def admit(t: int) -> None:
-            nonlocal next_sched, issued, in_flight
-            if closed:
-                while in_flight < arrival["concurrency"] and (max_requests is None or issued < max_requests):
-                    req = self.source.next()
-                    w.emit(EV_SCHED, t, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out if generates else 0)
-                    w.emit(EV_SENT, t, rid=req.rid)
-                    waiting.append(req)
-                    issued += 1
-                    in_flight += 1
+            if not closed:
+                log_due(t)
+                while due:
+                    send(due.popleft(), t)
                 return
-            first = next_sched
-            while next_sched < len(schedule) and schedule[next_sched] <= t:
-                next_sched += 1
-            new = [self.source.next() for _ in range(next_sched - first)]
-            for req, ts in zip(new, schedule[first:next_sched], strict=True):
-                w.emit(EV_SCHED, ts, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out if generates else 0)
-            for req in new:
-                w.emit(EV_SENT, t, rid=req.rid)
-                waiting.append(req)
-            issued += len(new)
-            in_flight += len(new)
+            if end_ns is not None and t >= end_ns:
+                return  # a request issued now would only be cancelled
+            while len(in_flight) < concurrency and (max_requests is None or issued < max_requests):
+                req = self.source.next()
+                w.emit(EV_SCHED, t, rid=req.rid, n_in=req.n_in, n_out_target=req.n_out if n_target else 0)
+                send(req, t)
 
-        def cancel_all(t: int) -> None:
-            nonlocal in_flight
-            for i, req in enumerate(batch):
-                if got[i] < req.n_out:
-                    w.emit(EV_DONE, t, rid=req.rid, n_out=got[i], status=STATUS_CANCELLED)
-                    self.counts["cancelled"] += 1
-            for req in waiting:
-                w.emit(EV_DONE, t, rid=req.rid, n_out=0, status=STATUS_CANCELLED)
-                self.counts["cancelled"] += 1
-            batch.clear()
-            waiting.clear()
-            in_flight = 0
+        def end_all(t: int, status: str, error: str | None = None) -> None:
+            rids = list(in_flight)
+            if rids:
+                engine.cancel(rids)
+            for rid in rids:
+                req, got = in_flight.pop(rid)
+                if error is None:
+                    w.emit(EV_DONE, t, rid=rid, n_out=got, status=status)
+                else:
+                    w.emit(EV_DONE, t, rid=rid, n_out=got, status=status, error=error)
+                counts["cancelled" if status == STATUS_CANCELLED else "errors"] += 1
 
         global _polling_stop
         wait_until(start_ns, self.stop)
         _polling_stop = True
+        now = time.monotonic_ns()
         try:
             while True:
-                now = time.monotonic_ns()
+                admit(now)
                 if self.stop.is_set():
-                    cancel_all(now)
+                    end_all(now, STATUS_CANCELLED)
                     raise TenantStopped("stop requested")
                 if end_ns is not None and now >= end_ns:
-                    cancel_all(now)
+                    end_all(now, STATUS_CANCELLED)
                     return
-                admit(now)
-                if not batch and waiting:
-                    take = min(self.max_batch, len(waiting))
-                    batch = [waiting.popleft() for _ in range(take)]
-                    got = [0] * take
-                    if self.task == "generate":
-                        self.engine.start_batch([r.prompt_ids for r in batch], [r.n_out for r in batch])
-                if batch:
-                    if self.task == "forward":
-                        t_start = time.monotonic_ns()
-                        self.engine.forward_batch([r.prompt_ids for r in batch])
-                        t = time.monotonic_ns()
-                        admit(t)
-                        w.emit(EV_ITER, t, i=self._iter, batch=len(batch), dur_ns=t - t_start)
+                if not in_flight:
+                    if closed and max_requests is not None and issued >= max_requests:
+                        return
+                    if not closed and next_sched >= n_sched:
+                        return
+                # Wait for the engine, but never past the next arrival or the end.
+                wake = IDLE_SLEEP_MAX_S
+                if next_sched < n_sched:
+                    wake = min(wake, (schedule[next_sched] - now) / 1e9)
+                if end_ns is not None:
+                    wake = min(wake, (end_ns - now) / 1e9)
+                try:
+                    progress = engine.poll(max(wake, 0.0))
+                except EngineFailed as e:
+                    end_all(time.monotonic_ns(), STATUS_ERROR, f"engine failed: {e}")
+                    raise
+                for ev in progress.events:
+                    if next_sched < n_sched:
+                        log_due(ev.t_ns)
+                    if type(ev) is Emission:
+                        rids, ns = ev.rids, ev.counts
+                        if all(rid in in_flight for rid in rids):
+                            for rid, n in zip(rids, ns, strict=True):
+                                in_flight[rid][1] += n
+                        else:  # a late emission of a cancelled request: not logged
+                            kept = [(rid, n) for rid, n in zip(rids, ns, strict=True) if rid in in_flight]
+                            for rid, n in kept:
+                                in_flight[rid][1] += n
+                            rids, ns = [k[0] for k in kept], [k[1] for k in kept]
+                            if not rids:
+                                continue
+                        w.emit(EV_TOK, ev.t_ns, rid=rids, n=ns)
+                        counts["tokens"] += sum(ns)
+                    elif type(ev) is Completion:
+                        entry = in_flight.pop(ev.rid, None)
+                        if entry is None:
+                            continue
+                        extra = ev.fields or {}
+                        if ev.error is not None:
+                            extra = {"error": ev.error, **extra}
+                        w.emit(EV_DONE, ev.t_ns, rid=ev.rid, n_out=entry[1], status=ev.status, **extra)
+                        counts["requests" if ev.status == STATUS_OK else "errors"] += 1
+                    elif type(ev) is Iteration:
+                        w.emit(EV_ITER, ev.t_ns, i=self._iter, batch=ev.batch, dur_ns=ev.dur_ns)
                         self._iter += 1
-                        for req in batch:
-                            w.emit(EV_DONE, t, rid=req.rid, n_out=0, status=STATUS_OK)
-                        self.counts["requests"] += len(batch)
-                        in_flight -= len(batch)
-                        batch = []
-                    else:
-                        idx = self.engine.step()
-                        t = time.monotonic_ns()  # after step(): the device work is synchronised
-                        admit(t)
-                        if idx:
-                            w.emit(EV_TOK, t, rid=[batch[i].rid for i in idx], n=[1] * len(idx))
-                            self.counts["tokens"] += len(idx)
-                            for i in idx:
-                                got[i] += 1
-                                if got[i] == batch[i].n_out:
-                                    w.emit(EV_DONE, t, rid=batch[i].rid, n_out=got[i], status=STATUS_OK)
-                                    self.counts["requests"] += 1
-                                    in_flight -= 1
-                        if not idx or all(g >= r.n_out for g, r in zip(got, batch, strict=True)):
-                            batch = []
-                    self._progress(t)
-                    continue
-                # Idle: nothing to run. Done when every request has been issued and finished.
-                if max_requests is not None and issued >= max_requests and in_flight == 0:
-                    return
-                if not closed and next_sched >= len(schedule) and in_flight == 0:
-                    return
+                now = progress.now_ns
                 self._progress(now)
-                # Sleep until the next arrival or the end, but never longer than IDLE_SLEEP_MAX_S.
-                nxt = schedule[next_sched] if (not closed and next_sched < len(schedule)) else None
-                wake = [x for x in (nxt, end_ns) if x is not None]
-                sleep_s = min([IDLE_SLEEP_MAX_S] + [(x - now) / 1e9 for x in wake])
-                if sleep_s > 0:
-                    time.sleep(sleep_s)
         finally:
             _polling_stop = False
 
@@ -279,6 +287,18 @@ def wait_until(t_ns: int, stop: threading.Event) -> None:
         time.sleep(min(left / 1e9 - 0.001, 0.05) if left > 2_000_000 else 0)
 
 
+def expected_requests(workload: dict[str, Any]) -> int:
+    """How many requests the tenant will likely take (warm-up included): what to prefetch."""
+    arrival = workload["arrival"]
+    n = workload["num_requests"]
+    if arrival["kind"] != "closed" and workload["duration_s"] is not None:
+        estimate = math.ceil(arrival["rate"] * workload["duration_s"] * 1.25) + 16
+        n = estimate if n is None else min(n, estimate)
+    if n is None:  # closed loop that stops on time: no estimate, the source draws more in blocks
+        n = 1024
+    return min(n + workload["warmup_requests"], PREFETCH_MAX)
+
+
 def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading.Event) -> int:
     """Run one tenant from its spec (plain data written by the orchestrator). Returns exit code."""
     t_cfg = spec["tenant"]
@@ -291,31 +311,23 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         model=t_cfg["model"],
         pid=os.getpid(),
         wall_ns=time.time_ns(),
-        schema=SCHEMA_VERSION,
+        schema=EVENT_SCHEMA_VERSION,
     )
     loop: RequestLoop | None = None
-    status, code = "ok", 0
+    engine: Engine | None = None
+    status, code = TENANT_OK, 0
     try:
-        from multitenant.backend_hf import HFEngine
-
         max_in, max_out = RequestSource(wl["dataset"], vocab_size=2**31).max_lengths()
-        engine = HFEngine(
-            model=t_cfg["model"],
-            dtype=t_cfg["dtype"],
-            device=spec["engine_device"],
-            execution=t_cfg["execution"],
-            task=t_cfg["task"],
-            max_batch=t_cfg["max_batch"],
-            max_input_len=max_in,
-            max_output_len=max_out,
-        )
+        spec = {**spec, "max_input_len": max_in, "max_output_len": max_out}
+        engine = make_engine(spec, Path(spec["events_path"]).parent)
         t_load = time.monotonic_ns()
         engine.load()
         load_s = (time.monotonic_ns() - t_load) / 1e9
         t_warm = time.monotonic_ns()
         engine.warmup()
         source = RequestSource(wl["dataset"], vocab_size=engine.vocab_size)
-        loop = RequestLoop(engine, writer, source, t_cfg["task"], t_cfg["max_batch"], stop, ctl)
+        source.prefetch(expected_requests(wl))  # prompts exist before the window, not inside it
+        loop = RequestLoop(engine, writer, source, t_cfg["task"], stop, ctl)
         if wl["warmup_requests"] > 0:
             loop.serve(
                 {"kind": "closed", "concurrency": t_cfg["max_batch"]},
@@ -325,12 +337,22 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
             )
         warmup_s = (time.monotonic_ns() - t_warm) / 1e9
         info = engine.device_info()
-        writer.emit(EV_READY, load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), sms=info.get("sms"), device=info.get("device_name"))
+        engine_info = engine.engine_info()
+        child_pids = _child_pids()
+        writer.emit(
+            EV_READY, load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), sms=info.get("sms"), device=info.get("device_name")
+        )
         writer.flush()
+        # What exists now lives to the end of the run: keep the collector away from it (a full
+        # collection walks every object, and the serving loop must not pay for that).
+        gc.collect()
+        gc.freeze()
         if ctl is None:  # standalone run (tests, debugging): the window starts now
             window: dict[str, Any] = {"t0": time.monotonic_ns(), "t1": None}
         else:
-            ctl.send("ready", load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), **info)
+            ctl.send(
+                "ready", load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), child_pids=child_pids, engine=engine_info, **info
+            )
             window = ctl.wait_window(timeout_s=spec["window_timeout_s"])
         t0 = int(window["t0"])
         t1 = window.get("t1")
@@ -338,9 +360,9 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         loop.counts = {k: 0 for k in loop.counts}  # run_end counts the measured phase only
         loop.serve(wl["arrival"], t0, t1, wl["num_requests"])
     except TenantStopped:
-        status, code = "interrupted", 0
+        status, code = TENANT_INTERRUPTED, 0
     except Exception as e:
-        status, code = "error", 1
+        status, code = TENANT_ERROR, 1
         traceback.print_exc()
         # The last stderr line is what the orchestrator quotes as the reason: make it the
         # cause, on one line (library messages often span several).
@@ -349,12 +371,25 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         if ctl is not None:
             ctl.send("error", error=cause)
     finally:
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as e:  # closing must not hide the run's own outcome
+                print(f"tenant {spec['name']}: engine close failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         counts = loop.counts if loop is not None else {}
         writer.emit(EV_RUN_END, status=status, counts=counts)
         writer.close()
         if ctl is not None:
             ctl.send("finished", status=status, counts=counts)
     return code
+
+
+def _child_pids() -> list[int]:
+    """This process's descendants (a vLLM engine core, a launched server and its workers)."""
+    try:
+        return [c.pid for c in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:

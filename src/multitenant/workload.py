@@ -14,6 +14,7 @@ Arrival processes (rate λ in requests/s, gaps in seconds):
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -22,20 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 NS_PER_S = 1_000_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestSpec:
-    """One request: token-id prompt and the number of tokens to generate (EOS is ignored)."""
+    """One request: token-id prompt (int64 array) and the number of tokens to generate (EOS ignored)."""
 
     rid: int
-    prompt_ids: list[int]
+    prompt_ids: np.ndarray
     n_out: int
 
     @property
     def n_in(self) -> int:
-        return len(self.prompt_ids)
+        return int(self.prompt_ids.size)
 
 
 def length_bounds(mean_len: int, range_ratio: float) -> tuple[int, int]:
@@ -48,46 +51,75 @@ def length_bounds(mean_len: int, range_ratio: float) -> tuple[int, int]:
 
 
 class RequestSource:
-    """Yields requests of one tenant in order: deterministic for a given dataset config."""
+    """Yields requests of one tenant in order: deterministic for a given dataset config.
+
+    Random prompts are drawn with numpy in blocks (one call for the lengths of a block, one for
+    all its token ids) and kept ahead of use: ``prefetch(n)`` before the measured phase builds
+    the requests it will need, so the serving loop only pops them (no per-token Python work
+    between engine steps). The same seed gives the same requests whatever the block sizes.
+    """
+
+    BLOCK = 256  # requests drawn at a time when the prefetched ones run out
 
     def __init__(self, dataset: dict[str, Any], vocab_size: int) -> None:
         self.dataset = dataset
         self.vocab_size = vocab_size
-        self._rng = random.Random(dataset.get("seed", 0))
-        self._jsonl: list[tuple[list[int], int]] | None = None
+        self._jsonl: list[tuple[np.ndarray, int]] | None = None
         if dataset["kind"] == "jsonl":
             self._jsonl = load_jsonl_prompts(Path(dataset["path"]), dataset["output_len"], vocab_size)
+        else:
+            seed = int(dataset.get("seed", 0))
+            # Three streams, so lengths and ids stay the same whatever the block boundaries.
+            self._len_rng = np.random.default_rng([seed, 0])
+            self._out_rng = np.random.default_rng([seed, 1])
+            self._id_rng = np.random.default_rng([seed, 2])
+        self._ready: collections.deque[RequestSpec] = collections.deque()
         self._next_rid = 0
         self._jsonl_pos = 0
 
     def max_lengths(self) -> tuple[int, int]:
         """Largest (input, output) length this source can produce: sizes static KV caches."""
         if self._jsonl is not None:
-            return max(len(p) for p, _ in self._jsonl), max(n for _, n in self._jsonl)
+            return max(p.size for p, _ in self._jsonl), max(n for _, n in self._jsonl)
         return (
             length_bounds(self.dataset["input_len"], self.dataset["range_ratio"])[1],
             length_bounds(self.dataset["output_len"], self.dataset["range_ratio"])[1],
         )
 
+    def prefetch(self, n: int) -> None:
+        """Build requests until at least ``n`` are waiting to be taken."""
+        while len(self._ready) < n:
+            self._draw(max(self.BLOCK, n - len(self._ready)))
+
     def next(self) -> RequestSpec:
-        rid = self._next_rid
-        self._next_rid += 1
+        if not self._ready:
+            self._draw(self.BLOCK)
+        return self._ready.popleft()
+
+    def _draw(self, k: int) -> None:
         if self._jsonl is not None:
-            prompt, n_out = self._jsonl[self._jsonl_pos % len(self._jsonl)]
-            self._jsonl_pos += 1
-            return RequestSpec(rid, list(prompt), n_out)
+            for _ in range(k):
+                prompt, n_out = self._jsonl[self._jsonl_pos % len(self._jsonl)]
+                self._jsonl_pos += 1
+                self._ready.append(RequestSpec(self._next_rid, prompt, n_out))
+                self._next_rid += 1
+            return
         ds = self.dataset
-        n_in = self._rng.randint(*length_bounds(ds["input_len"], ds["range_ratio"]))
-        n_out = self._rng.randint(*length_bounds(ds["output_len"], ds["range_ratio"]))
+        in_lo, in_hi = length_bounds(ds["input_len"], ds["range_ratio"])
+        out_lo, out_hi = length_bounds(ds["output_len"], ds["range_ratio"])
+        lens_in = self._len_rng.integers(in_lo, in_hi + 1, size=k)
+        lens_out = self._out_rng.integers(out_lo, out_hi + 1, size=k)
         # Ids below vocab_size; 0..2 are often special tokens, which is harmless with EOS ignored.
-        prompt = [self._rng.randrange(self.vocab_size) for _ in range(n_in)]
-        return RequestSpec(rid, prompt, n_out)
+        ids = self._id_rng.integers(0, self.vocab_size, size=int(lens_in.sum()), dtype=np.int64)
+        for prompt, out in zip(np.split(ids, np.cumsum(lens_in)[:-1]), lens_out.tolist(), strict=True):
+            self._ready.append(RequestSpec(self._next_rid, prompt, int(out)))
+            self._next_rid += 1
 
 
-def load_jsonl_prompts(path: Path, default_output_len: int, vocab_size: int) -> list[tuple[list[int], int]]:
+def load_jsonl_prompts(path: Path, default_output_len: int, vocab_size: int) -> list[tuple[np.ndarray, int]]:
     """Read ``{"prompt_ids": [...], "output_len": n?}`` lines. Text prompts need a tokenizer,
     which synthetic models do not have, so they are rejected with the fix in the message."""
-    out: list[tuple[list[int], int]] = []
+    out: list[tuple[np.ndarray, int]] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -104,7 +136,7 @@ def load_jsonl_prompts(path: Path, default_output_len: int, vocab_size: int) -> 
             n_out = int(rec.get("output_len", default_output_len))
             if n_out < 1:
                 raise ValueError(f"{path}:{lineno}: output_len must be >= 1")
-            out.append((ids, n_out))
+            out.append((np.asarray(ids, dtype=np.int64), n_out))
     if not out:
         raise ValueError(f"{path}: no requests in the file")
     return out

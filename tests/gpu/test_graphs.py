@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from multitenant.backend_hf import HFEngine, bucket_for  # noqa: E402
+from multitenant.backends.hf.batching import bucket_for  # noqa: E402
+from multitenant.backends.hf.engine import HFEngine  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

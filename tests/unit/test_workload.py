@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from multitenant.workload import (
@@ -75,7 +76,25 @@ def test_random_lengths_within_bounds() -> None:
     assert all(0 <= i < 1000 for r in reqs for i in r.prompt_ids)
     assert src.max_lengths() == (150, 30)
     again = RequestSource(ds, vocab_size=1000)
-    assert [again.next().prompt_ids for _ in range(5)] == [r.prompt_ids for r in reqs[:5]]
+    assert [again.next().prompt_ids.tolist() for _ in range(5)] == [r.prompt_ids.tolist() for r in reqs[:5]]
+    assert all(r.prompt_ids.dtype == np.int64 for r in reqs)
+
+
+def test_prefetch_does_not_change_the_requests() -> None:
+    """Block boundaries (prefetch sizes) never change which requests a seed gives."""
+    ds = {"kind": "random", "input_len": 64, "output_len": 8, "range_ratio": 0.5, "seed": 3}
+    plain = RequestSource(ds, vocab_size=500)
+    ahead = RequestSource(ds, vocab_size=500)
+    ahead.prefetch(1000)
+    a = [plain.next() for _ in range(700)]
+    b = [ahead.next() for _ in range(700)]
+    assert [(r.rid, r.n_out, r.prompt_ids.tolist()) for r in a] == [(r.rid, r.n_out, r.prompt_ids.tolist()) for r in b]
+
+
+def test_prefetch_builds_the_requests_ahead() -> None:
+    src = RequestSource({"kind": "random", "input_len": 16, "output_len": 4, "range_ratio": 0.0, "seed": 0}, 50)
+    src.prefetch(600)
+    assert len(src._ready) >= 600
 
 
 def test_fixed_lengths() -> None:
@@ -89,7 +108,7 @@ def test_jsonl_dataset(tmp_path: Path) -> None:
     p.write_text(json.dumps({"prompt_ids": [1, 2, 3]}) + "\n\n" + json.dumps({"prompt_ids": [4], "output_len": 7}) + "\n")
     src = RequestSource({"kind": "jsonl", "path": str(p), "output_len": 5, "seed": 0}, vocab_size=10)
     got = [src.next() for _ in range(3)]
-    assert [(r.prompt_ids, r.n_out) for r in got] == [([1, 2, 3], 5), ([4], 7), ([1, 2, 3], 5)]
+    assert [(r.prompt_ids.tolist(), r.n_out) for r in got] == [([1, 2, 3], 5), ([4], 7), ([1, 2, 3], 5)]
     assert src.max_lengths() == (3, 7)
 
 

@@ -1,4 +1,4 @@
-"""backend_hf: bookkeeping helpers, the eager engine and the static (uncaptured) decode path on CPU.
+"""backends/hf: the eager engine, the static (uncaptured) decode path and the tenant protocol on CPU.
 
 The static path with ``graph_impl="none"`` is the exact decode step that ``graphs`` captures,
 run without capture; comparing it with eager on the CPU checks the static cache, the masks and
@@ -8,13 +8,19 @@ the position ids. Capture itself is checked on a GPU (tests/gpu/test_graphs.py).
 from __future__ import annotations
 
 import random
+import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from multitenant import backend_hf as hf  # noqa: E402
+from multitenant.backends import Completion, Emission, Iteration  # noqa: E402
+from multitenant.backends.hf.batching import bucket_for  # noqa: E402
+from multitenant.backends.hf.engine import HFEngine  # noqa: E402
+from multitenant.backends.hf.graphs import _FusedLinear, _StashedLinear, fuse_projections  # noqa: E402
+from multitenant.workload import RequestSpec  # noqa: E402
 
 TINY = "synthetic:tiny-llama"
 # The same architecture code paths as the packaged configs, at test size.
@@ -34,11 +40,11 @@ SMALL_OVERRIDES = {
 
 def make_prompts(lengths, vocab=1000, seed=0):
     rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+    return [np.array([rng.randrange(vocab) for _ in range(n)], dtype=np.int64) for n in lengths]
 
 
 def engine(execution="eager", model=TINY, impl="none", max_batch=4, max_in=32, max_out=16, **kw):
-    e = hf.HFEngine(
+    e = HFEngine(
         model, "float32", "cpu", execution, "generate", max_batch, max_in, max_out,
         graph_impl=impl, config_overrides=SMALL_OVERRIDES.get(model), **kw,
     )  # fmt: skip
@@ -58,116 +64,27 @@ def run_batch(e, prompts, n_out):
 
 
 # ---------------------------------------------------------------------------------------------
-# pure helpers
-
-
-@pytest.mark.parametrize(
-    ("max_batch", "expected"),
-    [(1, [1]), (2, [1, 2]), (8, [1, 2, 4, 8]), (12, [1, 2, 4, 8, 12]), (32, [1, 2, 4, 8, 16, 32])],
-)
-def test_batch_buckets(max_batch, expected):
-    assert hf.batch_buckets(max_batch) == expected
-
-
-def test_batch_buckets_rejects_zero():
-    with pytest.raises(ValueError):
-        hf.batch_buckets(0)
-
-
-def test_bucket_for_picks_smallest_that_fits():
-    b = [1, 2, 4, 8, 12]
-    assert [hf.bucket_for(n, b) for n in (1, 2, 3, 4, 5, 8, 9, 12)] == [1, 2, 4, 4, 8, 8, 12, 12]
-    with pytest.raises(ValueError, match="raise max_batch"):
-        hf.bucket_for(13, b)
-
-
-def test_normalize_buckets():
-    assert hf.normalize_buckets(None, 8) == [1, 2, 4, 8]
-    assert hf.normalize_buckets([8, 1, 8], 8) == [1, 8]
-    with pytest.raises(ValueError, match="max_batch"):
-        hf.normalize_buckets([1, 4], 8)  # a batch of 5..8 would have no graph
-    with pytest.raises(ValueError):
-        hf.normalize_buckets([0, 8], 8)
-
-
-def test_cache_length_covers_prompt_and_output_rounded():
-    assert hf.cache_length(512, 128) == 640
-    assert hf.cache_length(500, 100) == 640
-    assert hf.cache_length(1, 1) == 64
-    for i, o in [(7, 9), (100, 1), (64, 64), (65, 64)]:
-        n = hf.cache_length(i, o)
-        assert n % hf.CACHE_LEN_MULTIPLE == 0 and n >= i + o
-        # the last slot a batch writes: prefill of width <= i, then o - 1 decode steps
-        assert hf.decode_write_slot(i, o - 1) < n if o > 1 else True
-
-
-def test_decode_write_slot():
-    assert hf.decode_write_slot(10, 1) == 10
-    assert hf.decode_write_slot(10, 5) == 14
-    with pytest.raises(ValueError):
-        hf.decode_write_slot(10, 0)
-
-
-def test_left_pad_aligns_last_tokens_and_counts_positions_from_zero():
-    p = hf.left_pad([[5, 6, 7], [9], [1, 2]], pad_id=0)
-    assert p.width == 3 and p.lengths == [3, 1, 2]
-    assert p.input_ids == [[5, 6, 7], [0, 0, 9], [0, 1, 2]]
-    assert p.attention_mask == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
-    assert p.position_ids == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
-
-
-def test_right_pad():
-    ids, mask = hf.right_pad([[5, 6, 7], [9]], pad_id=1)
-    assert ids == [[5, 6, 7], [9, 1, 1]] and mask == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_receivers():
-    n_out = [4, 1, 6]
-    assert [hf.receivers(n_out, s) for s in range(7)] == [[0, 1, 2], [0, 2], [0, 2], [0, 2], [2], [2], []]
-
-
-@pytest.mark.parametrize(
-    ("prompts", "n_out", "needle"),
-    [
-        ([], [], "empty batch"),
-        ([[1]] * 5, [1] * 5, "exceeds max_batch"),
-        ([[1], [2]], [1], "output lengths"),
-        ([[]], [1], "empty"),
-        ([[1] * 33], [1], "max_input_len"),
-        ([[1]], [17], "max_output_len"),
-        ([[1]], [0], "max_output_len"),
-        ([[1, 1024]], [1], "outside [0, 1024)"),
-        ([[-1]], [1], "outside"),
-    ],
-)
-def test_check_batch_errors(prompts, n_out, needle):
-    with pytest.raises(ValueError) as e:
-        hf.check_batch(prompts, n_out, max_batch=4, max_input_len=32, max_output_len=16, vocab_size=1024)
-    assert needle in str(e.value) and "\n" not in str(e.value)
-
-
-# ---------------------------------------------------------------------------------------------
 # engine construction errors
 
 
 def test_graphs_on_cpu_raises_with_the_fix():
     with pytest.raises(RuntimeError, match="use execution=eager"):
-        hf.HFEngine(TINY, "float32", "cpu", "graphs", "generate", 4, 32, 16)
+        HFEngine(TINY, "float32", "cpu", "graphs", "generate", 4, 32, 16)
 
 
 @pytest.mark.parametrize("impl", ["inductor_cudagraph", "cudagraph", "reduce_overhead"])
 def test_every_capturing_impl_refuses_cpu(impl):
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        hf.HFEngine(TINY, "float32", "cpu", "graphs", "generate", 4, 32, 16, graph_impl=impl)
+        HFEngine(TINY, "float32", "cpu", "graphs", "generate", 4, 32, 16, graph_impl=impl)
 
 
 def test_graphs_for_forward_task_raises():
     with pytest.raises(ValueError, match="use execution=eager for task=forward"):
-        hf.HFEngine("synthetic:bert-base", "float32", "cpu", "graphs", "forward", 4, 32, 1, graph_impl="none")
+        HFEngine("synthetic:bert-base", "float32", "cpu", "graphs", "forward", 4, 32, 1, graph_impl="none")
 
 
 def test_graphs_unsupported_model_type_raises_at_load():
-    e = hf.HFEngine(
+    e = HFEngine(
         "synthetic:qwen2.5-0.5b", "float32", "cpu", "graphs", "generate", 2, 16, 4, graph_impl="none",
         config_overrides={**SMALL_OVERRIDES["synthetic:qwen2.5-0.5b"], "model_type": "qwen3"},
     )  # fmt: skip
@@ -176,7 +93,7 @@ def test_graphs_unsupported_model_type_raises_at_load():
 
 
 def test_graphs_refuses_a_cache_longer_than_a_sliding_window():
-    e = hf.HFEngine(
+    e = HFEngine(
         "synthetic:mistral-7b", "float32", "cpu", "graphs", "generate", 2, 100, 10, graph_impl="none",
         config_overrides={**SMALL_OVERRIDES["synthetic:mistral-7b"], "sliding_window": 64},
     )  # fmt: skip
@@ -186,17 +103,17 @@ def test_graphs_refuses_a_cache_longer_than_a_sliding_window():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="execution"):
-        hf.HFEngine(TINY, "float32", "cpu", "jit", "generate", 4, 32, 16)
+        HFEngine(TINY, "float32", "cpu", "jit", "generate", 4, 32, 16)
     with pytest.raises(ValueError, match="task"):
-        hf.HFEngine(TINY, "float32", "cpu", "eager", "train", 4, 32, 16)
+        HFEngine(TINY, "float32", "cpu", "eager", "train", 4, 32, 16)
     with pytest.raises(ValueError, match="max_batch"):
-        hf.HFEngine(TINY, "float32", "cpu", "eager", "generate", 0, 32, 16)
+        HFEngine(TINY, "float32", "cpu", "eager", "generate", 0, 32, 16)
     with pytest.raises(ValueError, match="graph_impl"):
-        hf.HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16, graph_impl="tensorrt")
+        HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16, graph_impl="tensorrt")
 
 
 def test_too_many_positions_raises_at_load():
-    e = hf.HFEngine("synthetic:gpt2", "float32", "cpu", "eager", "generate", 1, 1000, 100,
+    e = HFEngine("synthetic:gpt2", "float32", "cpu", "eager", "generate", 1, 1000, 100,
                     config_overrides=SMALL_OVERRIDES["synthetic:gpt2"])  # fmt: skip
     with pytest.raises(ValueError, match="1024 positions"):
         e.load()
@@ -207,7 +124,7 @@ def test_too_many_positions_raises_at_load():
 
 
 def test_device_info_on_cpu():
-    e = hf.HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16)
+    e = HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16)
     info = e.device_info()
     assert info["device"] == "cpu" and info["sms"] is None and info["total_memory_bytes"] is None
     assert isinstance(info["device_name"], str) and info["device_name"]
@@ -236,7 +153,7 @@ def test_eager_left_padded_batch_matches_each_prompt_alone():
 def test_start_batch_validates_and_a_new_batch_replaces_an_unfinished_one():
     e = engine()
     with pytest.raises(ValueError, match="max_input_len"):
-        e.start_batch([[1] * 40], [2])
+        e.start_batch([np.ones(40, np.int64)], [2])
     prompts = make_prompts([4, 6])
     e.start_batch(prompts, [5, 5])
     e.step()
@@ -252,13 +169,13 @@ def test_warmup_leaves_no_batch_behind():
 
 
 def test_forward_batch_runs_an_encoder():
-    e = hf.HFEngine("synthetic:distilbert", "float32", "cpu", "eager", "forward", 4, 32, 1,
+    e = HFEngine("synthetic:distilbert", "float32", "cpu", "eager", "forward", 4, 32, 1,
                     config_overrides={"n_layers": 1})  # fmt: skip
     e.load()
     e.warmup()
     e.forward_batch(make_prompts([3, 17, 9], vocab=e.vocab_size))
     with pytest.raises(RuntimeError, match="forward_batch"):
-        e.start_batch([[1]], [1])
+        e.start_batch([np.ones(1, np.int64)], [1])
     with pytest.raises(ValueError, match="exceeds max_batch"):
         e.forward_batch(make_prompts([3] * 5))
 
@@ -295,7 +212,7 @@ def test_static_path_partial_batches_reuse_buckets():
         prompts = make_prompts([rng.randint(1, 32) for _ in range(n)], seed=seed)
         n_out = [rng.randint(1, 16) for _ in range(n)]
         assert run_batch(static, prompts, n_out) == run_batch(eager, prompts, n_out)
-        assert static._bucket == hf.bucket_for(n, static.buckets)
+        assert static._bucket == bucket_for(n, static.buckets)
 
 
 def test_static_path_longest_batch_fills_the_cache():
@@ -322,12 +239,12 @@ def test_fused_projections_compute_the_same_forward(model):
     ref, _ = build_model(model, "float32", "cpu", "generate", config_overrides=SMALL_OVERRIDES[model])
     fused, info = build_model(model, "float32", "cpu", "generate", config_overrides=SMALL_OVERRIDES[model])
     n_params = sum(p.numel() for p in fused.parameters())
-    assert hf.fuse_projections(fused) == 2 * fused.config.num_hidden_layers
+    assert fuse_projections(fused) == 2 * fused.config.num_hidden_layers
     attn = fused.base_model.layers[0].self_attn
-    assert isinstance(attn.q_proj, hf._FusedLinear) and isinstance(attn.v_proj, hf._StashedLinear)
+    assert isinstance(attn.q_proj, _FusedLinear) and isinstance(attn.v_proj, _StashedLinear)
     assert (attn.q_proj.bias is not None) == (model == "synthetic:qwen2.5-0.5b")  # qwen2 has q/k/v biases
     assert sum(p.numel() for p in fused.parameters()) == n_params == info["params"]
-    ids = torch.tensor(make_prompts([12, 12], vocab=1000, seed=7))
+    ids = torch.from_numpy(np.stack(make_prompts([12, 12], vocab=1000, seed=7)))
     torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -335,5 +252,80 @@ def test_unfused_static_path_matches_fused():
     prompts, n_out = make_prompts([6, 2, 9], seed=8), [5, 3, 4]
     a = engine("graphs", impl="none", fuse=False)
     b = engine("graphs", impl="none", fuse=True)
-    assert not isinstance(a.model.base_model.layers[0].self_attn.q_proj, hf._FusedLinear)
+    assert not isinstance(a.model.base_model.layers[0].self_attn.q_proj, _FusedLinear)
     assert run_batch(a, prompts, n_out) == run_batch(b, prompts, n_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tenant protocol: submit / poll / cancel (static batching as the engine's policy)
+
+
+def drain(e, limit=1000):
+    """Poll until nothing is left; returns every event, checking the time-order contract."""
+    events, last_now = [], 0
+    for _ in range(limit):
+        progress = e.poll(0.0)
+        assert all(ev.t_ns <= progress.now_ns for ev in progress.events)
+        assert all(ev.t_ns > last_now for ev in progress.events), "events are newer than the last poll's now_ns"
+        last_now = progress.now_ns
+        if not progress.events and not e._batch and not e._waiting:
+            return events
+        events.extend(progress.events)
+    raise AssertionError("engine did not drain")
+
+
+def test_protocol_batches_at_most_max_batch_and_finishes_every_request():
+    e = engine(max_batch=2)
+    reqs = [RequestSpec(rid, p, n) for rid, (p, n) in enumerate(zip(make_prompts([3, 5, 2]), [3, 1, 2], strict=True))]
+    for r in reqs:
+        e.submit(r)
+    events = drain(e)
+    tokens = {r.rid: 0 for r in reqs}
+    done = {}
+    for ev in events:
+        if isinstance(ev, Emission):
+            assert len(ev.rids) <= 2
+            for rid, n in zip(ev.rids, ev.counts, strict=True):
+                tokens[rid] += n
+        elif isinstance(ev, Completion):
+            done[ev.rid] = (ev.status, tokens[ev.rid])
+    assert done == {0: ("ok", 3), 1: ("ok", 1), 2: ("ok", 2)}
+    # Static batching: request 2 starts only after the batch of 0 and 1 is over (after 0's 3rd token).
+    first_of_2 = next(i for i, ev in enumerate(events) if isinstance(ev, Emission) and 2 in ev.rids)
+    last_of_0 = max(i for i, ev in enumerate(events) if isinstance(ev, Emission) and 0 in ev.rids)
+    assert first_of_2 > last_of_0
+
+
+def test_protocol_idle_poll_waits_and_reports_nothing():
+    e = engine()
+    t0 = time.monotonic()
+    progress = e.poll(0.02)
+    assert progress.events == [] and time.monotonic() - t0 >= 0.015
+
+
+def test_protocol_cancel_drops_waiting_requests_and_an_all_cancelled_batch():
+    e = engine(max_batch=1)
+    p = make_prompts([4, 4])
+    e.submit(RequestSpec(0, p[0], 8))
+    e.submit(RequestSpec(1, p[1], 8))
+    e.poll(0.0)  # request 0 runs, request 1 waits
+    e.cancel([0, 1])
+    assert drain(e) == []
+
+
+def test_protocol_forward_reports_an_iteration_and_completions():
+    e = HFEngine("synthetic:distilbert", "float32", "cpu", "eager", "forward", 4, 32, 1,
+                 config_overrides={"n_layers": 1})  # fmt: skip
+    e.load()
+    for rid, prompt in enumerate(make_prompts([3, 9, 5], vocab=e.vocab_size)):
+        e.submit(RequestSpec(rid, prompt, 1))
+    progress = e.poll(0.0)
+    iters = [ev for ev in progress.events if isinstance(ev, Iteration)]
+    assert len(iters) == 1 and iters[0].batch == 3 and iters[0].dur_ns > 0
+    assert sorted(ev.rid for ev in progress.events if isinstance(ev, Completion)) == [0, 1, 2]
+
+
+def test_engine_info_names_the_execution():
+    e = engine("graphs", impl="none")
+    info = e.engine_info()
+    assert info["engine"] == "hf" and info["execution"] == "graphs" and info["batch_buckets"] == [1, 2, 4]

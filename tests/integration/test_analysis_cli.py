@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.unit.analysis.builders import RunBuilder, simple_run
+from tests.unit.analysis.builders import RunBuilder, engine_times, simple_run
 
 HAND = Path(__file__).resolve().parents[1] / "data" / "analysis" / "hand"
 PER_RUN_PLOTS = {"ttft_cdf", "tpot_cdf", "itl_distribution", "throughput_timeline", "request_latency"}
@@ -93,6 +93,33 @@ def test_sweep_folder_with_solo_runs(tmp_path: Path) -> None:
         assert (out / job / "ttft_cdf.pdf").read_bytes().startswith(b"%PDF")
     assert (out / "np_throughput.pdf").exists() and (out / "slowdown_heatmap.pdf").exists()
     assert "telemetry" not in {p.stem for p in (out / "job0").iterdir()}  # no telemetry.jsonl: no plot
+
+
+def test_engine_tenants_split_and_usage_warnings_reach_every_output(tmp_path: Path) -> None:
+    # v (vllm): rid 1 sent 1000, engine queued 1000.5, scheduled 1002, first 1010, tok 1011:
+    # split 0.5 / 1.5 / 8 / 1 ms. b (openai): one request whose usage disagreed with the stream.
+    rb = RunBuilder(tmp_path, "pair")
+    v = rb.tenant("v", backend="vllm", vllm={"kv_cache_memory_bytes": 2**30}).start(0).window(1000, 2000)
+    v.request(1, 1000, 1000, [1011, 1020], done_fields=engine_times(1000.5, 1002, 1010, 1019))
+    b = rb.tenant("b", backend="openai", openai={"launch": "vllm serve {model}"}).start(0).window(1000, 2000)
+    b.request(1, 1000, 1000, [1030, 1040], done_fields={"usage_tokens": 3, "warning": "usage 3 != 2 streamed"})
+    out = tmp_path / "out"
+    proc = mt_analyze(rb.write(), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    run = orjson.loads((out / "summary.json").read_bytes())["runs"][0]
+    split = run["tenants"]["v"]["ttft_split"]
+    assert split["n"] == 1 and split["engine_queue_ms"] == {"mean": 1.5, "p50": 1.5, "p99": 1.5}, split
+    assert run["tenants"]["b"]["ttft_split"] is None
+    usage = "tenant b: 1 request(s): server usage disagreed with the streamed token count"
+    assert any(w.startswith(usage) for w in run["warnings"]), run["warnings"]
+    assert "TTFT split v (n=1" in proc.stderr and usage in proc.stderr, proc.stderr
+    assert "vllm(kv_cache_memory_bytes=1073741824" in proc.stderr, proc.stderr  # what to run alone
+    md = (out / "summary.md").read_text()
+    assert "| v | 1 | 0.50 / 0.50 | 1.50 / 1.50 | 8.00 / 8.00 | 1.00 / 1.00 |" in md, md
+    html = (out / "report.html").read_text()
+    assert "TTFT split (ms, mean / p50)" in html and "<td>8.00 / 8.00</td>" in html
+    header = (out / "requests.csv").read_text().splitlines()[0].split(",")
+    assert {"engine_queued_ns", "ttft_engine_queue_ms", "ttft_prefill_ms", "usage_tokens", "warning"} <= set(header)
 
 
 def test_default_output_folder_is_plots_experiment_run(tmp_path: Path) -> None:

@@ -36,7 +36,23 @@ from typing import Any
 import numpy as np
 import orjson
 
-SCHEMA_VERSION = 1
+from multitenant.schema import (
+    DONE_ENGINE_FIELDS,
+    DONE_USAGE_TOKENS,
+    DONE_WARNING,
+    EV_DONE,
+    EV_ITER,
+    EV_READY,
+    EV_RUN_END,
+    EV_RUN_START,
+    EV_SCHED,
+    EV_SENT,
+    EV_TOK,
+    EV_WINDOW,
+    EVENT_SCHEMA_VERSION,
+    MANIFEST_SCHEMA_VERSION,
+)
+
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "config.resolved.yaml"
 TELEMETRY_NAME = "telemetry.jsonl"
@@ -78,6 +94,10 @@ class TenantLog:
     file order; ``tok_n`` is the number of tokens that request got at ``tok_t_ns``, ``tok_row``
     the request's index in the ``req_*`` arrays.
     Iterations (``task: forward``): ``iter_*`` arrays, one entry per ``iter`` event.
+    Optional ``done`` fields (``multitenant.schema``): ``req_engine_*_ns`` are a serving engine's
+    own timestamps (vLLM; same clock as ``t``), NO_TIME when not logged; ``req_usage_tokens``
+    is the server's token count (openai), -1 when not logged; ``req_warning`` its one-line
+    warning, None when there is none.
     """
 
     name: str
@@ -97,6 +117,12 @@ class TenantLog:
     req_n_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     req_status: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     req_error: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    req_engine_queued_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_engine_scheduled_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_engine_first_tok_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_engine_last_tok_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_usage_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_warning: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     tok_t_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     tok_rid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     tok_n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -253,9 +279,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise AnalysisError(f"{path} does not hold a JSON object; it is not a manifest written by mt-run")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version != MANIFEST_SCHEMA_VERSION:
         raise AnalysisError(
-            f"{path}: unknown schema_version {version!r} (this mt-analyze reads {SCHEMA_VERSION}); "
+            f"{path}: unknown schema_version {version!r} (this mt-analyze reads {MANIFEST_SCHEMA_VERSION}); "
             "analyse it with the multitenant version that wrote it"
         )
     return manifest
@@ -340,12 +366,17 @@ class _Columns:
     sched: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # rid -> (t, n_in, n_out_target)
     sent: dict[int, int] = field(default_factory=dict)
     done: dict[int, tuple[int, int, str, str | None]] = field(default_factory=dict)
+    # rid -> (engine_queued, engine_scheduled, engine_first_tok, engine_last_tok, usage_tokens,
+    # warning), only for done events that carry at least one of these optional fields.
+    done_extra: dict[int, tuple[int, int, int, int, int, str | None]] = field(default_factory=dict)
+    bad_extra: int = 0  # done events whose optional fields were malformed (careful path only)
     iters: list[tuple[int, int, int]] = field(default_factory=list)
     blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 # The exact bytes EventWriter writes for a tok event: {"t":<int>,"ev":"tok","rid":[..],"n":[..]}
-_TOK_MARK = b'"ev":"tok"'
+# The translate table below is built for the letters of "tok", schema v1's name for the kind.
+_TOK_MARK = f'"ev":"{EV_TOK}"'.encode()
 _TOK_SPLIT = b'],"n":['
 # One translate pass turns the rest of a line into numbers: "{" -> "-" (so t becomes -t, the
 # line's marker), the "k" of "tok" and each "[" -> "0" (a 0 field, and a harmless leading zero
@@ -425,13 +456,13 @@ def _collect_fast(records: list[Any], cols: _Columns, log: TenantLog) -> None:
     """The common kinds inline (a function call per event costs as much as the event)."""
     t_append, len_append = cols.tok_t.append, cols.tok_len.append
     rid_extend, n_extend = cols.tok_rid.extend, cols.tok_n.extend
-    sched, sent, done = cols.sched, cols.sent, cols.done
+    sched, sent, done, done_extra = cols.sched, cols.sent, cols.done, cols.done_extra
     for r in records:
         ev = r["ev"]
         t = r["t"]
         if type(t) is not int:
             raise TypeError("t is not an integer")
-        if ev == "tok":
+        if ev == EV_TOK:
             rid = r["rid"]
             n = r["n"]
             if len(rid) != len(n):
@@ -440,19 +471,25 @@ def _collect_fast(records: list[Any], cols: _Columns, log: TenantLog) -> None:
             len_append(len(rid))
             rid_extend(rid)
             n_extend(n)
-        elif ev == "sent":
+        elif ev == EV_SENT:
             sent[int(r["rid"])] = t
-        elif ev == "sched":
+        elif ev == EV_SCHED:
             n_in, n_target = r.get("n_in"), r.get("n_out_target")
             sched[int(r["rid"])] = (t, -1 if n_in is None else int(n_in), -1 if n_target is None else int(n_target))
-        elif ev == "done":
+        elif ev == EV_DONE:
             n_out, error = r.get("n_out"), r.get("error")
-            done[int(r["rid"])] = (
+            rid = int(r["rid"])
+            done[rid] = (
                 t,
                 -1 if n_out is None else int(n_out),
                 str(r["status"]),
                 None if error is None else str(error),
             )
+            extra, _ = _done_extra(r, strict=True)
+            if extra is not None:
+                done_extra[rid] = extra
+            elif done_extra:
+                done_extra.pop(rid, None)  # a later done of the same request replaces the earlier
         else:
             _apply_other(r, cols, log)
 
@@ -464,7 +501,7 @@ def _collect_careful(records: list[Any], cols: _Columns, log: TenantLog, label: 
         try:
             if not isinstance(r, dict) or type(r.get("t")) is not int:
                 raise ValueError("no integer t")
-            if r.get("ev") == "tok":
+            if r.get("ev") == EV_TOK:
                 rid, n = r["rid"], r["n"]
                 if isinstance(rid, int) and isinstance(n, int):
                     rid, n = [rid], [n]  # tolerate a scalar form
@@ -480,6 +517,11 @@ def _collect_careful(records: list[Any], cols: _Columns, log: TenantLog, label: 
             bad += 1
     if bad:
         log.warnings.append(f"{label}: {bad} event(s) that do not follow event schema v1 skipped")
+    if cols.bad_extra:
+        log.warnings.append(
+            f"{label}: {cols.bad_extra} done event(s) with a malformed engine_*_ns, usage_tokens or warning "
+            "field; those fields were ignored (engine times must be non-negative integer ns)"
+        )
 
 
 def _apply_other(r: dict[str, Any], cols: _Columns, log: TenantLog) -> None:
@@ -487,27 +529,34 @@ def _apply_other(r: dict[str, Any], cols: _Columns, log: TenantLog) -> None:
     t = r["t"]
     if not isinstance(t, int):
         raise TypeError("t is not an integer")
-    if ev == "sched":
+    if ev == EV_SCHED:
         cols.sched[int(r["rid"])] = (t, _int_or(r.get("n_in"), -1), _int_or(r.get("n_out_target"), -1))
-    elif ev == "sent":
+    elif ev == EV_SENT:
         cols.sent[int(r["rid"])] = t
-    elif ev == "done":
+    elif ev == EV_DONE:
         error = r.get("error")
-        cols.done[int(r["rid"])] = (t, _int_or(r.get("n_out"), -1), str(r["status"]), None if error is None else str(error))
-    elif ev == "iter":
+        rid = int(r["rid"])
+        cols.done[rid] = (t, _int_or(r.get("n_out"), -1), str(r["status"]), None if error is None else str(error))
+        extra, bad = _done_extra(r, strict=False)
+        cols.bad_extra += bad
+        if extra is not None:
+            cols.done_extra[rid] = extra
+        else:
+            cols.done_extra.pop(rid, None)
+    elif ev == EV_ITER:
         cols.iters.append((t, int(r["batch"]), _int_or(r.get("dur_ns"), 0)))
-    elif ev == "window":
+    elif ev == EV_WINDOW:
         log.window_seen = True
         log.window_t0_ns = None if r.get("t0") is None else int(r["t0"])
         log.window_t1_ns = None if r.get("t1") is None else int(r["t1"])
-    elif ev == "run_start":
+    elif ev == EV_RUN_START:
         log.run_start = r
-        schema = r.get("schema", SCHEMA_VERSION)
-        if schema != SCHEMA_VERSION:
+        schema = r.get("schema", EVENT_SCHEMA_VERSION)
+        if schema != EVENT_SCHEMA_VERSION:
             raise _SchemaMismatch(schema)
-    elif ev == "ready":
+    elif ev == EV_READY:
         log.ready = r
-    elif ev == "run_end":
+    elif ev == EV_RUN_END:
         log.run_end = r
     else:
         log.warnings.append(f"tenant {log.name}: event kind {ev!r} is not in schema v1 and was ignored")
@@ -515,6 +564,43 @@ def _apply_other(r: dict[str, Any], cols: _Columns, log: TenantLog) -> None:
 
 def _int_or(value: Any, default: int) -> int:
     return default if value is None else int(value)
+
+
+_DONE_EXTRA_INTS = (*DONE_ENGINE_FIELDS, DONE_USAGE_TOKENS)
+_DoneExtra = tuple[int, int, int, int, int, str | None]
+
+
+def _done_extra(r: dict[str, Any], strict: bool) -> tuple[_DoneExtra | None, int]:
+    """A done event's optional fields: (engine queued, scheduled, first tok, last tok ns,
+    usage_tokens, warning) with NO_TIME / -1 / None for those absent, or None when it has none;
+    and 1 when a field was malformed (0 otherwise).
+
+    A malformed field (an engine time or usage count that is not a non-negative integer, a
+    warning that is not a string) raises TypeError when ``strict`` (the fast loop then hands
+    the file to the careful one), else it is ignored and counted.
+    """
+    raw = [r.get(key) for key in _DONE_EXTRA_INTS]
+    warning = r.get(DONE_WARNING)
+    if warning is None and raw.count(None) == len(raw):
+        return None, 0
+    bad = 0
+    ints: list[int] = []
+    for key, value in zip(_DONE_EXTRA_INTS, raw, strict=True):
+        if value is None:
+            ints.append(-1)  # NO_TIME for the engine times, -1 for usage_tokens
+        elif type(value) is int and value >= 0:
+            ints.append(value)
+        elif strict:
+            raise TypeError(f"done.{key} is not a non-negative integer")
+        else:
+            ints.append(-1)
+            bad = 1
+    if warning is not None and not isinstance(warning, str):
+        if strict:
+            raise TypeError(f"done.{DONE_WARNING} is not a string")
+        warning, bad = None, 1
+    queued, scheduled, first, last, usage = ints
+    return (queued, scheduled, first, last, usage, warning or None), bad
 
 
 class _SchemaMismatch(Exception):
@@ -582,6 +668,17 @@ def _finish(log: TenantLog, cols: _Columns) -> None:
         n_out[idx] = [v[1] for v in values]
         status[idx] = [v[2] for v in values]
         error[idx] = [v[3] for v in values]
+    extra_int = np.full((n, 5), -1, np.int64)  # NO_TIME == -1 for the engine times
+    warning = np.full(n, None, dtype=object)
+    if cols.done_extra:
+        keys = np.fromiter(cols.done_extra.keys(), np.int64, len(cols.done_extra))
+        idx = np.searchsorted(rid, keys)
+        extras = list(cols.done_extra.values())
+        extra_int[idx] = np.asarray([v[:5] for v in extras], dtype=np.int64)
+        warning[idx] = [v[5] for v in extras]
+    (log.req_engine_queued_ns, log.req_engine_scheduled_ns, log.req_engine_first_tok_ns,
+     log.req_engine_last_tok_ns, log.req_usage_tokens) = (extra_int[:, i].copy() for i in range(5))  # fmt: skip
+    log.req_warning = warning
     log.req_sched_ns, log.req_n_in, log.req_n_out_target = sched, n_in, n_target
     log.req_sent_ns, log.req_done_ns, log.req_n_out = sent, done, n_out
     log.req_status, log.req_error = status, error
@@ -615,7 +712,7 @@ def read_events(path: Path, name: str, label: str | None = None, vectorised: boo
                     add_other(line)
             # A tok event written some other way (spaces, another writer) would be parsed after the
             # block and so out of file order: then parse the whole file the general way.
-            if b'"tok"' not in b"\n".join(other_lines):
+            if f'"{EV_TOK}"'.encode() not in b"\n".join(other_lines):
                 block = _parse_tok_block(tok_lines)
             del tok_lines
         if block is not None:
@@ -633,7 +730,7 @@ def read_events(path: Path, name: str, label: str | None = None, vectorised: boo
             _collect(records, cols, log, label)
         except _SchemaMismatch as e:
             raise AnalysisError(
-                f"{label}: unknown event schema {e.schema!r} (this mt-analyze reads {SCHEMA_VERSION}); "
+                f"{label}: unknown event schema {e.schema!r} (this mt-analyze reads {EVENT_SCHEMA_VERSION}); "
                 "analyse it with the multitenant version that wrote it"
             ) from None
         del records

@@ -8,6 +8,16 @@ Per request (all times int64 ns on CLOCK_MONOTONIC, results in milliseconds):
 where n_out is the request's ``done.n_out`` (the tokens it received), or the sum of its ``tok``
 counts when it has no ``done`` event.
 
+TTFT split, for requests whose ``done`` carries a serving engine's own timestamps (vLLM's
+``engine_*_ns``, the same CLOCK_MONOTONIC as ``t``; ``multitenant.schema``):
+  ttft_frontend_in  = engine_queued - t(sent)            input processing, hop to the engine core
+  ttft_engine_queue = engine_scheduled - engine_queued   waiting in the engine's scheduler
+  ttft_prefill      = engine_first_tok - engine_scheduled   prefill, including the step it ran in
+  ttft_frontend_out = t(first tok) - engine_first_tok    output processing and delivery back
+They sum to ttft exactly (in ns). A request has all four or none (it needs sent, a first tok
+and the three engine times). Negative components are reported as they are; one below
+-SPLIT_NEGATIVE_TOLERANCE_MS adds a run warning.
+
 Windows:
   * A tenant's measured phase starts at its ``window.t0``; its requests are *measured* when their
     ``sent`` (``sched`` if never sent) lies in [t0, t1] (t1 = +inf when null).
@@ -25,7 +35,8 @@ Statistics: mean, population std (ddof 0) and percentiles p50, p90, p95, p99, p9
 interpolation between order statistics (numpy's default ``method="linear"``), all in ms; null
 when there is no sample.
 
-Interference (needs a solo baseline of the same tenant spec on a GPU of the same name):
+Interference (needs a solo baseline of the same tenant spec, backend options included, on a GPU
+of the same name; ``tenant_spec``):
   NP_i = throughput co-located / throughput solo; slowdown = co-located percentile / solo one;
   STP = sum NP_i; ANTT = mean(1 / NP_i); fairness = min NP / max NP; Jain = (sum x)^2 / (n sum x^2).
   The aggregate figures are null unless every tenant of the run has an NP.
@@ -47,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from multitenant.analysis.load import NO_TIME, RunData, TenantLog
+from multitenant.schema import RUN_OK, STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
 
 PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
 STAT_KEYS = ("mean", "std") + tuple(k for k, _ in PERCENTILES)
@@ -54,7 +66,11 @@ STAT_KEYS = ("mean", "std") + tuple(k for k, _ in PERCENTILES)
 LATENCY_METRICS = ("ttft", "ttft_sched", "queue", "tpot", "itl", "e2e")
 SLO_METRICS = ("ttft", "tpot", "e2e")
 SLOWDOWN_KEYS = (("ttft_p50", "ttft", "p50"), ("ttft_p99", "ttft", "p99"), ("tpot_p50", "tpot", "p50"), ("tpot_p99", "tpot", "p99"))
-STATUS_OK, STATUS_ERROR, STATUS_CANCELLED = "ok", "error", "cancelled"
+# TTFT split components (module docstring), in the order they happen; per request each is a
+# ``ttft_<name>_ms`` column; summary.json's ``ttft_split`` gives SPLIT_STAT_KEYS of each.
+TTFT_SPLIT = ("frontend_in", "engine_queue", "prefill", "frontend_out")
+SPLIT_STAT_KEYS = ("mean", "p50", "p99")
+SPLIT_NEGATIVE_TOLERANCE_MS = 1.0  # clocks of one host's processes agree far better than this
 NS_PER_MS = 1e6
 NS_PER_S = 1e9
 
@@ -184,6 +200,7 @@ def request_table(log: TenantLog, task: str) -> RequestTable:
     itl_mean = np.full(n_rows, np.nan)
     multi_emit = n_emit > 1
     itl_mean[multi_emit] = (last[multi_emit] - first[multi_emit]) / (n_emit[multi_emit] - 1) / NS_PER_MS
+    split = ttft_split_ms(log, first)
     columns = {
         "rid": log.req_rid,
         "status": log.req_status,
@@ -205,8 +222,26 @@ def request_table(log: TenantLog, task: str) -> RequestTable:
         "e2e_ms": e2e,
         "itl_mean_ms": itl_mean,
         "itl_max_ms": itl_max,
+        **{f"ttft_{name}_ms": values for name, values in split.items()},
+        "engine_queued_ns": log.req_engine_queued_ns,
+        "engine_scheduled_ns": log.req_engine_scheduled_ns,
+        "engine_first_tok_ns": log.req_engine_first_tok_ns,
+        "engine_last_tok_ns": log.req_engine_last_tok_ns,
+        "usage_tokens": log.req_usage_tokens,
+        "warning": log.req_warning,
     }
     return RequestTable(columns=columns, itl_ns=itl_ns, itl_row=itl_row)
+
+
+def ttft_split_ms(log: TenantLog, first_tok_ns: np.ndarray) -> dict[str, np.ndarray]:
+    """TTFT's four components per request, ms (module docstring); NaN for a request without
+    sent, a first tok or any of the three engine times."""
+    sent = log.req_sent_ns
+    queued, scheduled, engine_first = log.req_engine_queued_ns, log.req_engine_scheduled_ns, log.req_engine_first_tok_ns
+    has = (sent != NO_TIME) & (first_tok_ns != NO_TIME) & (queued != NO_TIME) & (scheduled != NO_TIME)
+    has &= engine_first != NO_TIME
+    points = (sent, queued, scheduled, engine_first, first_tok_ns)
+    return {name: _diff_ms(points[i + 1], points[i], has) for i, name in enumerate(TTFT_SPLIT)}
 
 
 def _diff_ms(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -236,6 +271,9 @@ class TenantMetrics:
     output_tokens: int = 0
     throughput: float | None = None
     latency: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # {"n": requests, <component>: {mean, p50, p99}} over the latency sample; None when no
+    # request of the tenant has engine timestamps.
+    ttft_split: dict[str, Any] | None = None
     slo_attainment: float | None = None
     goodput_req_s: float | None = None
     np: float | None = None
@@ -299,7 +337,7 @@ def _in_range(t: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray:
 def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics:
     """All per-tenant and aggregate metrics of one run, except the baseline-dependent ones."""
     warnings = list(run.warnings)
-    if run.status != "ok":
+    if run.status != RUN_OK:
         reason = run.manifest.get("reason")
         warnings.insert(
             0,
@@ -389,6 +427,9 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
                 values = cols[f"{metric}_ms"][sample]
                 values = values[~np.isnan(values)]
             tm.latency[metric] = latency_stats(values)
+        tm.ttft_split = _split_summary(cols, sample)
+        warnings.extend(_split_warnings(name, cols))
+        warnings.extend(_done_warnings(name, cols))
 
         # Throughput inside the window (inclusive at both ends).
         if window is not None:
@@ -439,8 +480,55 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
     return rm
 
 
+def _split_summary(cols: dict[str, np.ndarray], sample: np.ndarray) -> dict[str, Any] | None:
+    """``ttft_split`` of one tenant: n and SPLIT_STAT_KEYS of each component over ``sample``."""
+    has = ~np.isnan(cols[f"ttft_{TTFT_SPLIT[0]}_ms"])
+    if not has.any():
+        return None
+    rows = sample & has
+    out: dict[str, Any] = {"n": int(rows.sum())}
+    for name in TTFT_SPLIT:
+        stats = latency_stats(cols[f"ttft_{name}_ms"][rows])
+        out[f"{name}_ms"] = {key: stats[key] for key in SPLIT_STAT_KEYS}
+    return out
+
+
+def _split_warnings(tenant: str, cols: dict[str, np.ndarray]) -> list[str]:
+    """One warning when any request's TTFT component is below -SPLIT_NEGATIVE_TOLERANCE_MS."""
+    split = np.column_stack([cols[f"ttft_{name}_ms"] for name in TTFT_SPLIT])
+    negative = split < -SPLIT_NEGATIVE_TOLERANCE_MS  # NaN compares False
+    if not negative.any():
+        return []
+    row, component = np.unravel_index(int(np.nanargmin(np.where(negative, split, np.nan))), split.shape)
+    return [
+        f"tenant {tenant}: {int(negative.any(axis=1).sum())} request(s) with a TTFT component below "
+        f"-{SPLIT_NEGATIVE_TOLERANCE_MS:g} ms (most negative: ttft_{TTFT_SPLIT[component]} "
+        f"{split[row, component]:.3f} ms, rid {int(cols['rid'][row])}); the engine timestamps are not "
+        "on the tenant's clock or the log is damaged: the split is reported as logged"
+    ]
+
+
+def _done_warnings(tenant: str, cols: dict[str, np.ndarray]) -> list[str]:
+    """One line per tenant counting its requests whose ``done`` carried a ``warning`` (openai)."""
+    texts = cols["warning"]
+    rows = np.flatnonzero(np.fromiter((text is not None for text in texts), bool, texts.size))
+    if not rows.size:
+        return []
+    first = rows[0]
+    return [
+        f"tenant {tenant}: {rows.size} request(s): server usage disagreed with the streamed token count "
+        f"(first: rid {int(cols['rid'][first])}: {texts[first]})"
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Solo baselines and interference
+
+
+# The ``openai`` options that change what the server does (the rest only say how to reach it,
+# or how long to wait: port, api_key_env, health_path, health_timeout_s, request_timeout_s,
+# vocab_size).
+OPENAI_SPEC_KEYS = ("url", "launch", "endpoint", "model_name", "ignore_eos", "extra_body")
 
 
 def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
@@ -448,13 +536,17 @@ def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
 
     model, backend, execution mode, dtype, task, batch limit and workload; the workload's
     ``start_delay_s`` is left out (a staggered start changes when a tenant runs, not what).
+    Backend options: a ``vllm`` tenant adds its whole ``vllm`` block (engine arguments; a key
+    set to null, or ``engine_args: {}``, means the engine's default, the same as a key not
+    written); an ``openai`` tenant the OPENAI_SPEC_KEYS of its ``openai`` block. An ``hf``
+    tenant adds nothing, so run folders written before these blocks existed still match.
     """
     cfg = run.tenant_config(name)
     if cfg is None:
         return None
     workload = dict(cfg.get("workload") or {})
     workload.pop("start_delay_s", None)
-    return {
+    spec: dict[str, Any] = {
         "model": cfg.get("model"),
         "backend": cfg.get("backend"),
         "execution": cfg.get("execution"),
@@ -463,20 +555,36 @@ def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
         "max_batch": cfg.get("max_batch"),
         "workload": workload,
     }
+    if spec["backend"] == "vllm":
+        block = cfg.get("vllm") or {}
+        # Unset options (null, or engine_args {}) are the engine's defaults: the same as absent.
+        spec["vllm"] = {str(k): v for k, v in block.items() if v not in (None, {})} if isinstance(block, dict) else block
+    elif spec["backend"] == "openai":
+        block = cfg.get("openai") or {}
+        block = block if isinstance(block, dict) else {}
+        spec["openai"] = {key: block.get(key) for key in OPENAI_SPEC_KEYS}
+    return spec
 
 
 def describe_spec(spec: dict[str, Any] | None, gpu: str | None) -> str:
+    """One line naming the spec, backend options (those set) included, for "run it alone" hints."""
     if spec is None:
         return "unknown spec (no config.resolved.yaml)"
-    return (
+    text = (
         f"{spec['backend']} {spec['model']} {spec['execution']} {spec['dtype']} {spec['task']} "
-        f"max_batch={spec['max_batch']} on {gpu or 'no GPU'}"
+        f"max_batch={spec['max_batch']}"
     )
+    for block in ("vllm", "openai"):
+        options = spec.get(block)
+        if isinstance(options, dict):
+            shown = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in options.items() if v not in (None, {})]
+            text += f" {block}({', '.join(shown)})"
+    return f"{text} on {gpu or 'no GPU'}"
 
 
 def is_solo_candidate(run: RunData) -> bool:
     """A finished run with exactly one tenant."""
-    return len(run.tenants) == 1 and run.status == "ok"
+    return len(run.tenants) == 1 and run.status == RUN_OK
 
 
 def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunData | None:

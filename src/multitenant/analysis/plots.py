@@ -28,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from multitenant.analysis.load import NO_TIME  # noqa: E402
 from multitenant.analysis.metrics import NS_PER_S, SLOWDOWN_KEYS, RunMetrics  # noqa: E402
+from multitenant.schema import STATUS_OK  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 110  # one rendering serves both the PNG file and the report
@@ -97,7 +98,7 @@ def _latency_sample(rm: RunMetrics, name: str, column: str) -> np.ndarray:
     if rm.window_ns is not None:
         sent = cols["sent_ns"]
         in_window = (sent != NO_TIME) & (sent >= rm.window_ns[0]) & (sent <= rm.window_ns[1])
-    values = cols[column][in_window & (cols["status"] == "ok")]
+    values = cols[column][in_window & (cols["status"] == STATUS_OK)]
     return values[~np.isnan(values)]
 
 
@@ -132,7 +133,7 @@ def _itl(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plo
             continue
         cols = table.columns
         sent = cols["sent_ns"]
-        keep = (sent != NO_TIME) & (sent >= rm.window_ns[0]) & (sent <= rm.window_ns[1]) & (cols["status"] == "ok")
+        keep = (sent != NO_TIME) & (sent >= rm.window_ns[0]) & (sent <= rm.window_ns[1]) & (cols["status"] == STATUS_OK)
         values = table.itl_ns[keep[table.itl_row]] / 1e6
         if values.size:
             samples[tenant] = values
@@ -207,7 +208,7 @@ def _request_latency(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt:
         if tm.table is None:
             continue
         cols = tm.table.columns
-        ok = (cols["status"] == "ok") & (cols["sent_ns"] != NO_TIME)
+        ok = (cols["status"] == STATUS_OK) & (cols["sent_ns"] != NO_TIME)
         x = (cols["sent_ns"][ok] - origin) / NS_PER_S
         for ax, column in ((ax_ttft, "ttft_ms"), (ax_e2e, "e2e_ms")):
             y = cols[column][ok]

@@ -4,8 +4,9 @@ table and report.html.
 ``summary.json`` has the shape of issue #4 (other tools read it); beyond it each run carries
 ``name``, ``gpu``, ``window_s``, ``warnings``, ``missing_baselines`` and ``baselines``, and each
 tenant ``task``, ``throughput_unit``, ``completed``, ``cancelled`` and ``incomplete`` (every request
-is counted somewhere: requests = completed + errors + cancelled + incomplete). Numbers are
-plain JSON numbers (full float precision), undefined ones null, never NaN.
+is counted somewhere: requests = completed + errors + cancelled + incomplete) and ``ttft_split``
+(null unless the tenant logged engine timestamps). Numbers are plain JSON numbers (full float
+precision), undefined ones null, never NaN.
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ import numpy as np
 import orjson
 
 from multitenant.analysis.load import NO_TIME
-from multitenant.analysis.metrics import LATENCY_METRICS, SLOWDOWN_KEYS, STAT_KEYS, RunMetrics
+from multitenant.analysis.metrics import (
+    LATENCY_METRICS,
+    SLOWDOWN_KEYS,
+    STAT_KEYS,
+    TTFT_SPLIT,
+    RunMetrics,
+    TenantMetrics,
+)
 from multitenant.analysis.plots import Plot
+from multitenant.schema import RUN_OK
 
 SUMMARY_SCHEMA = 1
 
@@ -70,6 +79,7 @@ def run_summary(rm: RunMetrics) -> dict[str, Any]:
                 "incomplete": tm.incomplete,
                 "solo_throughput": tm.solo_throughput,
                 "baseline_run_dir": tm.baseline_run_dir,
+                "ttft_split": tm.ttft_split,
             }
         )
         tenants[name] = entry
@@ -116,7 +126,10 @@ CSV_COLUMNS = (
     "rid", "status", "error", "measured", "in_window", "n_in", "n_out_target", "n_out", "n_tok", "n_emissions",
     "sched_ns", "sent_ns", "first_tok_ns", "last_tok_ns", "done_ns",
     "ttft_ms", "ttft_sched_ms", "queue_ms", "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "slo_ok",
+    "engine_queued_ns", "engine_scheduled_ns", "engine_first_tok_ns", "engine_last_tok_ns",
+    *(f"ttft_{name}_ms" for name in TTFT_SPLIT), "usage_tokens", "warning",
 )  # fmt: skip
+_INT_COLUMNS = ("n_in", "n_out_target", "n_out", "usage_tokens")  # -1 = not logged
 
 
 def write_requests_csv(rms: Sequence[RunMetrics], path: Path) -> Path:
@@ -136,7 +149,7 @@ def write_requests_csv(rms: Sequence[RunMetrics], path: Path) -> Path:
                     data[key] = pd.array([pd.NA] * len(tm.table), dtype="boolean")
                 elif key == "slo_ok":
                     data[key] = pd.array([pd.NA if v is None else bool(v) for v in cols[key]], dtype="boolean")
-                elif key.endswith("_ns") or key in ("n_in", "n_out_target", "n_out"):
+                elif key.endswith("_ns") or key in _INT_COLUMNS:
                     values = cols[key]
                     data[key] = pd.array(values, dtype="Int64")
                     data[key][values == (NO_TIME if key.endswith("_ns") else -1)] = pd.NA
@@ -224,10 +237,34 @@ def run_tables(rm: RunMetrics) -> list[Table]:
         ],
     )
     tables = [overview, latency]
+    split = split_table(rm)
+    if split.rows:
+        tables.append(split)
     if slowdown.rows:
         tables.append(slowdown)
     tables.append(aggregate)
     return tables
+
+
+SPLIT_LABELS = {"frontend_in": "front end in", "engine_queue": "engine queue", "prefill": "prefill",
+                "frontend_out": "front end out"}  # fmt: skip
+
+
+def _split_cell(tm: TenantMetrics, name: str) -> str:
+    """``mean / p50`` of one TTFT component (ms; two decimals, the front-end parts are small)."""
+    stats = (tm.ttft_split or {}).get(f"{name}_ms") or {}
+    return f"{fmt(stats.get('mean'))} / {fmt(stats.get('p50'))}"
+
+
+def split_table(rm: RunMetrics) -> Table:
+    """TTFT split, one row per tenant that logged engine timestamps: mean / p50 of each part."""
+    table = Table(
+        "TTFT split (ms, mean / p50)", ["tenant", "requests", *(SPLIT_LABELS[n] for n in TTFT_SPLIT)], []
+    )
+    for name, tm in rm.tenants.items():
+        if tm.ttft_split is not None:
+            table.rows.append([name, str(tm.ttft_split["n"]), *(_split_cell(tm, n) for n in TTFT_SPLIT)])
+    return table
 
 
 def setup_rows(rm: RunMetrics) -> list[list[str]]:
@@ -261,7 +298,7 @@ SETUP_HEADER = ["tenant", "model", "backend / execution / dtype", "max_batch", "
 
 def banner(rm: RunMetrics) -> str | None:
     """A warning line for a run that did not end cleanly."""
-    if rm.run.status == "ok":
+    if rm.run.status == RUN_OK:
         return None
     reason = rm.run.manifest.get("reason")
     return f"Run status {rm.run.status!r}" + (f": {reason}" if reason else "") + " — numbers may be incomplete."
@@ -344,6 +381,12 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
             f" · fairness {fmt(rm.fairness, 3)} · Jain {fmt(rm.jain, 3)}",
             highlight=False,
         )
+        for name, tm in rm.tenants.items():
+            if tm.ttft_split is not None:
+                parts = " · ".join(f"{SPLIT_LABELS[n]} {_split_cell(tm, n)}" for n in TTFT_SPLIT)
+                console.print(
+                    f"  TTFT split {name} (n={tm.ttft_split['n']}, ms mean / p50): {parts}", markup=False, highlight=False
+                )
         for message in rm.missing_baselines:
             console.print(f"  {message}", style="yellow", markup=False, highlight=False)
         for message in rm.warnings:

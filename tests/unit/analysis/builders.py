@@ -18,6 +18,7 @@ import orjson
 import yaml
 
 from multitenant.events import EventWriter
+from multitenant.schema import DONE_ENGINE_FIELDS
 
 BASE_NS = 10_000_000_000_000_001
 MS = 1_000_000
@@ -69,6 +70,10 @@ class TenantBuilder:
     share: dict[str, Any] = field(default_factory=lambda: {"active_thread_pct": None, "pinned_mem_limit": None, "priority": None})
     events: list[dict[str, Any]] = field(default_factory=list)
     write_events: bool = True
+    # Backend option blocks of config.resolved.yaml; None leaves the block out (as run folders
+    # written before the vllm and openai backends existed do).
+    vllm: dict[str, Any] | None = None
+    openai: dict[str, Any] | None = None
 
     def ev(self, ms: float, ev: str, **fields: Any) -> TenantBuilder:
         self.events.append({"t": t_ns(ms), "ev": ev, **fields})
@@ -94,10 +99,12 @@ class TenantBuilder:
         done: float | None = None,
         n_out: int | None = None,
         error: str | None = None,
+        done_fields: dict[str, Any] | None = None,
     ) -> TenantBuilder:
         """A request: sched, sent, one tok per (ms, n) (or per ms with n=1), then done.
 
-        ``status=None`` leaves out the ``done`` event (a request cut short by a crash).
+        ``status=None`` leaves out the ``done`` event (a request cut short by a crash);
+        ``done_fields`` are added to it as they are (engine_*_ns, usage_tokens, warning).
         """
         pairs = [(t, 1) if isinstance(t, (int, float)) else t for t in toks]
         self.ev(sched, "sched", rid=rid, n_in=16, n_out_target=max(1, sum(n for _, n in pairs)))
@@ -110,6 +117,7 @@ class TenantBuilder:
             fields: dict[str, Any] = {"rid": rid, "n_out": sum(n for _, n in pairs) if n_out is None else n_out, "status": status}
             if error is not None:
                 fields["error"] = error
+            fields.update(done_fields or {})
             self.ev(end, "done", **fields)
         return self
 
@@ -117,7 +125,7 @@ class TenantBuilder:
         return self.ev(ms, "run_end", status=status, counts={})
 
     def config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             "backend": self.backend,
             "model": self.model,
             "dtype": self.dtype,
@@ -128,6 +136,10 @@ class TenantBuilder:
             "workload": copy.deepcopy(self.workload),
             "share": dict(self.share),
         }
+        for block in ("vllm", "openai"):
+            if getattr(self, block) is not None:
+                cfg[block] = copy.deepcopy(getattr(self, block))
+        return cfg
 
     def sorted_events(self) -> list[dict[str, Any]]:
         """Events in file order (by t), with tok events of one instant merged into one line as
@@ -247,3 +259,8 @@ def simple_run(root: Path, dirname: str = "run", **kwargs: Any) -> RunBuilder:
     a.request(3, 1300, 1300, [1400, 2000, 2999])
     a.end(3100)
     return rb
+
+
+def engine_times(queued: float, scheduled: float, first: float, last: float) -> dict[str, int]:
+    """A vLLM tenant's ``done`` engine fields, each given in ms after BASE_NS like every time here."""
+    return dict(zip(DONE_ENGINE_FIELDS, (t_ns(queued), t_ns(scheduled), t_ns(first), t_ns(last)), strict=True))

@@ -5,6 +5,13 @@
 #   OUT=/tmp/out bash scripts/gpu_validation.sh solo     # solo graphs tenant: timeslice, MPS 100/50/25 %
 #   OUT=/tmp/out bash scripts/gpu_validation.sh pair     # pair sweep 100/100,50/50,70/30 (Hydra multirun),
 #                                                        # the pair in timeslice, a tenant killed mid-window
+#   OUT=/tmp/out bash scripts/gpu_validation.sh vllm     # issue 8: solo vLLM, the vLLM pair in timeslice,
+#                                                        # MPS 100/100 and a 70/30,50/50 split sweep
+#   OUT=/tmp/out bash scripts/gpu_validation.sh openai   # `vllm serve` tenants: solo, the pair under MPS;
+#                                                        # then benchmarks/vllm_overhead.py
+#   OUT=/tmp/out bash scripts/gpu_validation.sh hf_vllm  # solo/llama1b, then hf_vs_vllm under MPS
+# vLLM phases need vLLM importable: VLLM_WHEELS=DIR holding the joined vllm wheel and deps/ (see
+# ../shared/gpu/pack_vllm_wheels.sh) installs it into /tmp/vsite first.
 # After every run it lists any tenant, MPS daemon or GPU compute process still alive (there must
 # be none), then prints a table (scripts/validation_table.py) and packs the experiment folders
 # into $OUT/exp_<phase>.tgz for mt-analyze. Never changes compute mode, clocks, MIG, persistence.
@@ -19,6 +26,12 @@ if ! python3 -c "import hydra, orjson" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -n "${VLLM_WHEELS:-}" ] && ! PYTHONPATH=/tmp/vsite python3 -c "import vllm" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/vsite \
+    "$VLLM_WHEELS"/vllm-*.whl "$VLLM_WHEELS"/deps/*.whl || exit 1
+fi
+[ -d /tmp/vsite ] && export PYTHONPATH=/tmp/site:/tmp/vsite PATH="/tmp/vsite/bin:$PATH"
+export VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONPATH="$PWD/src:$PYTHONPATH" PYTHONUNBUFFERED=1 MT_CONFIG_DIR="$PWD/configs"
 EXP=/tmp/mt-exp/$PHASE
 rm -rf "$EXP"; mkdir -p "$EXP"
@@ -28,7 +41,8 @@ nvidia-smi --query-gpu=name,uuid,driver_version,compute_mode,mig.mode.current,pe
 leftovers() {  # what survived run $1: must be nothing
   local tenants mps apps
   # Zombies do not count: on the lent VM, PID 1 does not reap the MPS daemon's intermediate fork.
-  tenants=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep "multitenant.tenant" | grep -v grep || true)
+  # Tenants, their vLLM engine cores and workers, launched servers.
+  tenants=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep -E "multitenant.tenant|VLLM::|vllm serve|api_server" | grep -v grep || true)
   mps=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep "nvidia-cuda-mps" | grep -v grep || true)
   apps=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null || true)
   printf '%s\ttenants=[%s]\tmps=[%s]\tgpu_apps=[%s]\n' "$1" "$tenants" "$mps" "$apps" | tee -a "$LOG"
@@ -91,6 +105,31 @@ else:
 PY
   wait $mt; echo "rc=$?"
   leftovers pair_killed
+  ;;
+vllm)
+  mtrun solo_vllm --config-name solo/vllm_llama1b $(short vllm_llama1b)
+  mtrun pair_vllm_timeslice --config-name multitenant/pair_vllm_llama1b mode=timeslice $(short a b)
+  mtrun pair_vllm_mps --config-name multitenant/pair_vllm_llama1b $(short a b)
+  echo "===== sweep: mt-run -m split=70/30,50/50"
+  t=$SECONDS
+  python3 -m multitenant.cli -m --config-name multitenant/pair_vllm_llama1b 'split=70/30,50/50' \
+    $(short a b) progress=false "hydra.sweep.dir=$EXP/sweep"
+  echo "sweep rc=$? after $((SECONDS - t)) s"
+  leftovers sweep
+  ;;
+openai)
+  mtrun solo_openai --config-name solo/openai_llama1b $(short openai_llama1b)
+  mtrun pair_openai_mps --config-name multitenant/pair_openai_llama1b $(short a b)
+  echo "===== benchmarks/vllm_overhead.py"
+  python3 benchmarks/vllm_overhead.py --device cuda:0 --model synthetic:llama-3.2-1b --dtype bfloat16 \
+    --execution graphs --batch 8 --input-len 512 --output-len 128 --requests 64 --rounds 3 \
+    --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 2147483648 --out "$OUT/vllm_overhead.json" \
+    2>"$OUT/vllm_overhead.stderr" | tee "$OUT/vllm_overhead.txt"
+  leftovers vllm_overhead
+  ;;
+hf_vllm)
+  mtrun solo_hf --config-name solo/llama1b $(short llama1b_graphs)
+  mtrun hf_vs_vllm --config-name multitenant/hf_vs_vllm $(short hf vllm)
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

@@ -46,10 +46,10 @@ from typing import Any
 import yaml
 
 from multitenant.config import device_index
+from multitenant.schema import MANIFEST_SCHEMA_VERSION
 
 log = logging.getLogger("multitenant")
 
-MANIFEST_SCHEMA_VERSION = 1
 POLL_S = 0.1
 STOP_GRACE_S = 5.0  # after the stop command, before SIGTERM; then again before SIGKILL
 PACKAGES = (
@@ -545,9 +545,18 @@ class Orchestrator:
                 self.selector.unregister(tp.msg_fd)
             os.close(tp.msg_fd)
         self.selector.close()
-        self._redact_secrets()
-        if self.sampler is not None:
-            self.sampler.stop()
+        # Each step runs even if one before it fails (a run folder removed or a full disk can
+        # make the redaction or the telemetry write raise): the MPS daemon must always stop.
+        try:
+            self._redact_secrets()
+        finally:
+            try:
+                if self.sampler is not None:
+                    self.sampler.stop()
+            finally:
+                self._stop_daemon()
+
+    def _stop_daemon(self) -> None:
         if self.daemon is not None:
             from multitenant import mps
 

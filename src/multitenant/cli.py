@@ -173,12 +173,37 @@ def _existing_run_dir(argv: list[str]) -> Path | None:
     return None
 
 
+# Hydra's own flags that need no experiment config (help, completion).
+_NO_CONFIG_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc")
+
+
+def usage(config_dir: Path) -> str:
+    """A short usage with the experiment configs that exist (what ``mt-run`` alone prints)."""
+    names = sorted(
+        f"{group}/{p.stem}" for group in ("solo", "multitenant") for p in (config_dir / group).glob("*.yaml")
+    )
+    return "\n".join(
+        [
+            "usage: mt-run --config-name EXPERIMENT [OVERRIDE ...]      one run",
+            "       mt-run -m --config-name EXPERIMENT KEY=A,B [...]    a sweep (one run per value)",
+            "e.g.   mt-run --config-name multitenant/pair_tiny tenants.a.workload.duration_s=10",
+            f"experiments in {config_dir}:",
+            *(f"  {n}" for n in names),
+        ]
+    )
+
+
 def run_main() -> None:
     """Console entry point of ``mt-run``."""
     import hydra
 
     from multitenant.config import register_configs
 
+    if _config_name(sys.argv[1:]) is None and not any(a in _NO_CONFIG_FLAGS for a in sys.argv[1:]):
+        # Without an experiment Hydra composes an empty config and fails on its first
+        # interpolation with a long traceback: say what to run instead.
+        print(f"mt-run: error: no experiment given (--config-name)\n{usage(find_config_dir())}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     if (existing := _existing_run_dir(sys.argv[1:])) is not None:
         print(
             f"mt-run: error: hydra.run.dir={existing} already holds a run (never overwritten); choose a new folder",

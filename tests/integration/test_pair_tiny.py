@@ -234,3 +234,11 @@ def test_ready_barrier_timeout(tmp_path: Path, mt_env: dict[str, str]) -> None:
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["status"] == "failed" and "not ready after ready_timeout_s=0.5" in m["reason"]
     assert tenant_pids_alive(m) == []
+
+
+def test_no_arguments_prints_usage_and_exits_2(mt_env: dict[str, str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "multitenant.cli"], env=mt_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "--config-name" in r.stderr
+    assert "multitenant/pair_tiny" in r.stderr and "solo/tiny_llama" in r.stderr
+    assert len(r.stderr.splitlines()) < 60

@@ -70,7 +70,7 @@ def run_experiment_task(cfg: Any) -> int:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from multitenant.config import ConfigError, validate
+    from multitenant.config import ConfigError, unapplied_shares_warning, validate
     from multitenant.orchestrator import Orchestrator, RunFailed
     from multitenant.progress import LiveProgress
 
@@ -89,6 +89,8 @@ def run_experiment_task(cfg: Any) -> int:
         _fail_config(f"{type(e).__name__}: {str(e).splitlines()[0]}; fix the config or the override")
         _remove_empty_run_dir(run_dir)
         return EXIT_CONFIG
+    if (warning := unapplied_shares_warning(plain)) is not None:
+        log.warning(warning)
     if plain["active_thread_pct_sum"] > 100:
         log.info(
             "active_thread_pct sums to %d%% over the tenants: these are caps, not reservations",

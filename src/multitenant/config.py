@@ -379,6 +379,25 @@ def _validate_share(w: str, share: dict[str, Any], mode: str, tidx: int | None) 
         share["pinned_mem_limit"] = parse_pinned_mem_limit(str(mem), tidx or 0)
 
 
+def unapplied_shares_warning(cfg: dict[str, Any]) -> str | None:
+    """One line naming the MPS shares a validated config gives but its mode will not apply
+    (``timeslice``, ``cpu``); None when there are none or the mode is an MPS one."""
+    if cfg["mode"] in ("mps", "mps_external"):
+        return None
+    given = [
+        f"{name}.{key}={value}"
+        for name, t in cfg["tenants"].items()
+        for key, value in t["share"].items()
+        if value is not None
+    ]
+    if not given:
+        return None
+    return (
+        f"mode={cfg['mode']} does not apply MPS shares; ignoring {', '.join(given)} "
+        "(use mode=mps to apply them; the manifest records share_applied: false)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend options
 

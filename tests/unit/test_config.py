@@ -178,3 +178,14 @@ def test_lengths_must_fit_the_position_table(pair: dict[str, Any]) -> None:
     cfg["tenants"]["a"]["workload"]["dataset"].update(input_len=1000, output_len=100, range_ratio=0.0)
     with pytest.raises(ConfigError, match=r"^tenants\.a\.workload\.dataset: .*1100 tokens.*1024 positions"):
         validate(cfg)
+
+
+def test_shares_outside_mps_are_named_in_one_warning(pair: dict[str, Any]) -> None:
+    from multitenant.config import unapplied_shares_warning
+
+    cfg = copy.deepcopy(pair)
+    assert unapplied_shares_warning(validate(copy.deepcopy(cfg))) is None  # cpu mode, no shares
+    cfg["split"] = "70/30"
+    warning = unapplied_shares_warning(validate(copy.deepcopy(cfg)))
+    assert warning is not None and "\n" not in warning
+    assert "a.active_thread_pct=70" in warning and "b.active_thread_pct=30" in warning and "mode=mps" in warning

@@ -71,9 +71,17 @@ class TenantStopped(Exception):
 
 
 # True while the request loop runs: it polls the stop flag between polls of the engine and
-# cancels in-flight requests cleanly, so a signal then only sets the flag. Outside it (model
+# cancels in-flight requests cleanly, so a signal then only sets the flag. Also True once the
+# tenant is ending (its error report and cleanup): the orchestrator answers an error with a
+# stop, and that must not cut the cleanup short (exit code 0, no run_end). Otherwise (model
 # loading, waiting for the window) a signal raises TenantStopped at once.
 _polling_stop = False
+
+
+def _defer_stops() -> None:
+    """From now on a stop signal only sets the flag (the tenant is ending anyway)."""
+    global _polling_stop
+    _polling_stop = True
 
 
 class ControlChannel:
@@ -360,8 +368,10 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         loop.counts = {k: 0 for k in loop.counts}  # run_end counts the measured phase only
         loop.serve(wl["arrival"], t0, t1, wl["num_requests"])
     except TenantStopped:
+        _defer_stops()
         status, code = TENANT_INTERRUPTED, 0
     except Exception as e:
+        _defer_stops()
         status, code = TENANT_ERROR, 1
         traceback.print_exc()
         # The last stderr line is what the orchestrator quotes as the reason: make it the
@@ -371,6 +381,7 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         if ctl is not None:
             ctl.send("error", error=cause)
     finally:
+        _defer_stops()
         if engine is not None:
             try:
                 engine.close()

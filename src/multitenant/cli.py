@@ -175,6 +175,28 @@ def _existing_run_dir(argv: list[str]) -> Path | None:
     return None
 
 
+def with_default_overrides(args: list[str]) -> list[str]:
+    """``args`` with DEFAULT_HYDRA_OVERRIDES (those the user did not give) among the overrides.
+
+    They go right after the user's last override, or after ``--config-name X`` when there is
+    none: appended at the end they would become the value of a trailing ``--info`` (whose value
+    is optional), and before the user's overrides argparse would reject those.
+    """
+    given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
+    defaults = [o for o in DEFAULT_HYDRA_OVERRIDES if o.split("=", 1)[0] not in given]
+    at = len(args)
+    overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+    if overrides:
+        at = overrides[-1] + 1
+    else:
+        for i, a in enumerate(args):
+            if a in ("--config-name", "-cn") and i + 1 < len(args):
+                at = i + 2
+            elif a.startswith("--config-name="):
+                at = i + 1
+    return args[:at] + defaults + args[at:]
+
+
 # Hydra's own flags that need no experiment config (help, completion).
 _NO_CONFIG_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc")
 
@@ -220,8 +242,7 @@ def run_main() -> None:
         if primary.is_file() and (err := duplicate_key_error(primary)) is not None:
             print(f"mt-run: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
-    given = {a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a}
-    sys.argv += [o for o in DEFAULT_HYDRA_OVERRIDES if o.split("=", 1)[0] not in given]
+    sys.argv[1:] = with_default_overrides(sys.argv[1:])
     task = hydra.main(version_base=None, config_path=str(config_dir), config_name=None)(run_experiment_task)
     try:
         task()

@@ -11,11 +11,13 @@ code 2 before any process, daemon or GPU context is started.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,33 @@ def apply_split(cfg: dict[str, Any]) -> None:
         cfg["tenants"][name]["share"]["active_thread_pct"] = int(pct)
 
 
+def unknown_key_error(node: Any, schema: type, where: str = "") -> ConfigError | None:
+    """The first key of ``node`` that ``schema`` (a config dataclass, walked into its nested
+    dataclasses and the ``tenants`` mapping) does not have, with the closest known key.
+
+    Hydra lets ``+key=value`` add keys the schema does not know, so a typo such as
+    ``+tenants.a.workload.duraton_s=10`` would otherwise be stored and ignored."""
+    if not isinstance(node, dict):
+        return None
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key, value in node.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {(where + '.' if where else '') + close[0]}?" if close else f"known keys: {', '.join(known)}"
+            return _fail(path, "is not a key of the config schema", hint)
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            if (err := unknown_key_error(value, typing.cast(type, hint_t), path)) is not None:
+                return err
+        elif key == "tenants" and isinstance(value, dict):
+            for name, tenant in value.items():
+                if (err := unknown_key_error(tenant, TenantConfig, f"{path}.{name}")) is not None:
+                    return err
+    return None
+
+
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check a resolved experiment config (plain dict) and return it completed.
 
@@ -232,6 +261,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     from multitenant.models import check_model_name, is_encoder
 
+    if (err := unknown_key_error(cfg, ExperimentConfig)) is not None:
+        raise err
     cfg = dict(cfg)
     if cfg.get("mode") not in MODES:
         raise _fail("mode", f"unknown mode {cfg.get('mode')!r}", f"use one of {', '.join(MODES)}")

@@ -242,3 +242,29 @@ def test_no_arguments_prints_usage_and_exits_2(mt_env: dict[str, str]) -> None:
     assert "Traceback" not in r.stderr and "--config-name" in r.stderr
     assert "multitenant/pair_tiny" in r.stderr and "solo/tiny_llama" in r.stderr
     assert len(r.stderr.splitlines()) < 60
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--info"], "Hydra"),
+        (["--info", "defaults"], "Defaults List"),
+        (["--cfg", "job"], "name: pair_tiny"),
+        (["--cfg", "job", "--resolve"], "name: pair_tiny"),
+    ],
+)
+def test_hydra_flags_work_after_the_overrides(mt_env: dict[str, str], flags: list[str], needle: str) -> None:
+    # mt-run adds its own overrides; they must not become the value of a trailing flag.
+    argv = [sys.executable, "-m", "multitenant.cli", "--config-name", "multitenant/pair_tiny", "tenants.a.workload.duration_s=3", *flags]
+    r = subprocess.run(argv, env=mt_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert needle in r.stdout
+
+
+def test_unknown_key_added_with_plus_exits_2(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    argv = [sys.executable, "-m", "multitenant.cli", "--config-name", "multitenant/pair_tiny",
+            "+tenants.a.workload.duraton_s=10", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    r = subprocess.run(argv, env=mt_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "did you mean tenants.a.workload.duration_s?" in r.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()

@@ -189,3 +189,17 @@ def test_shares_outside_mps_are_named_in_one_warning(pair: dict[str, Any]) -> No
     warning = unapplied_shares_warning(validate(copy.deepcopy(cfg)))
     assert warning is not None and "\n" not in warning
     assert "a.active_thread_pct=70" in warning and "b.active_thread_pct=30" in warning and "mode=mps" in warning
+
+
+def test_unknown_keys_are_refused_with_the_closest_key() -> None:
+    cfg = compose_plain("multitenant/pair_tiny", ["+tenants.a.workload.duraton_s=10"])
+    with pytest.raises(ConfigError) as ei:
+        validate(cfg)
+    msg = str(ei.value)
+    assert msg.startswith("tenants.a.workload.duraton_s:") and "tenants.a.workload.duration_s" in msg
+    cfg = compose_plain("multitenant/pair_tiny", ["+windw_lead_s=1"])
+    with pytest.raises(ConfigError, match="did you mean window_lead_s"):
+        validate(cfg)
+    # Free-form mappings stay free: engine_args and extra_body take any key.
+    ok = compose_plain("multitenant/pair_openai_tiny", ["+tenants.a.openai.extra_body.top_k=1"])
+    validate(ok)

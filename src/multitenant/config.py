@@ -11,6 +11,7 @@ code 2 before any process, daemon or GPU context is started.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -328,6 +329,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if t["task"] == "forward" and t["execution"] == "graphs":
             raise _fail(f"{w}.execution", "graphs is for generate tenants", "use execution=eager for task=forward")
         _validate_workload(f"{w}.workload", t["workload"], t["max_batch"])
+        _validate_dataset_file(f"{w}.workload.dataset", t["workload"]["dataset"], t["model"])
         _validate_lengths(w, t)
         _validate_share(f"{w}.share", t["share"], mode, tidx)
         pct_sum += t["share"]["active_thread_pct"] or 0
@@ -375,6 +377,25 @@ def _validate_workload(w: str, wl: dict[str, Any], max_batch: int) -> None:
         raise _fail(f"{w}.warmup_requests", f"must be >= 0 (got {wl['warmup_requests']})", "use 0 or more")
     if wl["start_delay_s"] < 0:
         raise _fail(f"{w}.start_delay_s", f"must be >= 0 (got {wl['start_delay_s']})", "use 0 or more")
+
+
+def _validate_dataset_file(w: str, ds: dict[str, Any], model: str) -> None:
+    """Read a JSONL dataset fully now, so a malformed, empty or out-of-range file is refused
+    before any process starts (token ids against the vocabulary of a ``synthetic:`` model; other
+    models' vocabularies are only known once the tenant loads the model's config)."""
+    if ds["kind"] != "jsonl":
+        return
+    from multitenant.models import SYNTHETIC_PREFIX, arch_config
+    from multitenant.workload import load_jsonl_prompts
+
+    vocab = 2**63 - 1
+    if model.startswith(SYNTHETIC_PREFIX):
+        with contextlib.suppress(Exception):  # an unknown arch is reported by check_model_name
+            vocab = int(arch_config(model[len(SYNTHETIC_PREFIX) :])["vocab_size"])
+    try:
+        load_jsonl_prompts(Path(ds["path"]), ds["output_len"], vocab)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise _fail(f"{w}.path", str(e).replace(";", ","), "fix the file or point dataset.path at another") from None
 
 
 def _validate_lengths(w: str, t: dict[str, Any]) -> None:

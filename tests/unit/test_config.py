@@ -203,3 +203,24 @@ def test_unknown_keys_are_refused_with_the_closest_key() -> None:
     # Free-form mappings stay free: engine_args and extra_body take any key.
     ok = compose_plain("multitenant/pair_openai_tiny", ["+tenants.a.openai.extra_body.top_k=1"])
     validate(ok)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"prompt_ids": [1, 2, 3]}\n{"prompt_ids": [4, 5\n', ":2: not JSON"),
+        ("\n\n", "no requests"),
+        ('{"prompt_ids": [1, 2, 99999999]}\n', "prompt_ids must be non-empty ints in [0, "),
+        ('{"prompt": "text"}\n', "no prompt_ids"),
+        ('{"prompt_ids": [1], "output_len": 0}\n', "output_len must be >= 1"),
+    ],
+)
+def test_jsonl_dataset_is_read_fully_before_start(pair: dict[str, Any], tmp_path: Any, content: str, needle: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["workload"]["dataset"].update(kind="jsonl", path=str(path))
+    err = bad(cfg, "tenants.a.workload.dataset.path", str(path))
+    assert str(err).startswith("tenants.a.workload.dataset.path:") and needle in str(err)
+    path.write_text('{"prompt_ids": [1, 2, 3]}\n')
+    validate(copy.deepcopy(cfg))  # a good file passes

@@ -10,6 +10,8 @@ interrupted one stops the sweep.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import shutil
@@ -175,6 +177,58 @@ def _existing_run_dir(argv: list[str]) -> Path | None:
     return None
 
 
+class _OutputThatNeverFails(io.TextIOBase):
+    """A stdout/stderr whose reader may go away (``mt-run ... | head -1``, a closed terminal):
+    once a write fails with a broken pipe, the stream's fd is pointed at /dev/null and every
+    later write is dropped. Output is a courtesy; the run, its manifest and its exit code must
+    not depend on it (a failed print once stopped runs or recorded them wrongly)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def _drop(self) -> None:
+        self._broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # the interpreter's final flush lands there too
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                self._stream.write(text)
+            except OSError as e:
+                if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EPIPE, errno.EIO):
+                    raise
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EPIPE, errno.EIO):
+                    raise
+                self._drop()
+
+    def isatty(self) -> bool:
+        return not self._broken and self._stream.isatty()
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self._stream, "encoding", "utf-8"))
+
+    def writable(self) -> bool:
+        return True
+
+
 def with_default_overrides(args: list[str]) -> list[str]:
     """``args`` with DEFAULT_HYDRA_OVERRIDES (those the user did not give) among the overrides.
 
@@ -220,6 +274,9 @@ def usage(config_dir: Path) -> str:
 def run_main() -> None:
     """Console entry point of ``mt-run``."""
     import hydra
+
+    sys.stdout = _OutputThatNeverFails(sys.stdout)
+    sys.stderr = _OutputThatNeverFails(sys.stderr)
 
     from multitenant.config import register_configs
 

@@ -268,3 +268,28 @@ def test_unknown_key_added_with_plus_exits_2(tmp_path: Path, mt_env: dict[str, s
     assert r.returncode == 2, r.stderr[-2000:]
     assert "did you mean tenants.a.workload.duration_s?" in r.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("stderr_too", [True, False])
+def test_closed_output_pipe_neither_stops_nor_mislabels_the_run(
+    tmp_path: Path, mt_env: dict[str, str], stderr_too: bool
+) -> None:
+    # `mt-run ... | head -1`: the reader goes away after one line.
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "multitenant.cli", "--config-name", "multitenant/pair_tiny",
+            "tenants.a.workload.duration_s=2", "tenants.b.workload.duration_s=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    p = subprocess.Popen(
+        argv, env=mt_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    if stderr_too:
+        p.stdout.readline()  # the first log line
+    p.stdout.close()
+    err = p.stderr.read() if p.stderr is not None else ""
+    assert p.wait(timeout=240) == 0, err[-2000:]
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "ok" and m["reason"] is None and m["window"]["t0_ns"] is not None
+    for name in ("a", "b"):
+        last = read_events(run_dir / "tenants" / name / "events.jsonl")[-1]
+        assert last["ev"] == "run_end" and last["status"] == "ok"
+    assert "Logging error" not in err and "BrokenPipeError" not in err

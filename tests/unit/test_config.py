@@ -225,3 +225,12 @@ def test_jsonl_dataset_is_read_fully_before_start(pair: dict[str, Any], tmp_path
     assert str(err).startswith("tenants.a.workload.dataset.path:") and needle in str(err)
     path.write_text('{"prompt_ids": [1, 2, 3]}\n')
     validate(copy.deepcopy(cfg))  # a good file passes
+
+
+def test_a_tenant_spec_can_be_added_from_the_command_line() -> None:
+    # The README's form: +tenant@tenants.<name>=<spec in configs/tenant/>.
+    cfg = validate(compose_plain("multitenant/pair_tiny", ["+tenant@tenants.c=tiny_llama_cpu", "tenants.c.max_batch=2"]))
+    assert list(cfg["tenants"]) == ["a", "b", "c"]
+    assert cfg["tenants"]["c"]["model"] == cfg["tenants"]["a"]["model"] and cfg["tenants"]["c"]["max_batch"] == 2
+    solo = validate(compose_plain("solo/tiny_llama", ["+tenant@tenants.extra=tiny_llama_cpu"]))
+    assert len(solo["tenants"]) == 2

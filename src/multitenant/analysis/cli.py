@@ -71,7 +71,11 @@ def default_out(paths: list[Path]) -> Path:
     else:
         common = Path(os.path.commonpath([str(p) for p in resolved]))
         target = common if common.name and common not in resolved else resolved[0]
-    parts = [part for part in (target.parent.name, target.name) if part]
+    # A run or a sweep sits in its experiment's folder (keep both names); any other folder (a
+    # folder of experiments, say) stands for itself: its parent is not part of what it holds.
+    is_run_or_sweep = (target / "manifest.json").exists() or (target / "multirun.yaml").exists()
+    names = (target.parent.name, target.name) if is_run_or_sweep or not target.exists() else (target.name,)
+    parts = [part for part in names if part]
     return Path("plots", *parts) if parts else Path("plots") / "analysis"
 
 
@@ -91,9 +95,18 @@ def run_labels(run_overrides: dict[Path, list[str]]) -> dict[Path, str]:
     labels = {}
     for d, r in zip(run_dirs, resolved, strict=True):
         parts = list(r.relative_to(common).parts) or [r.name]
-        parts += [f"{k.rsplit('.', 1)[-1]}={overrides[d][k]}".replace("/", "-") for k in varying if k in overrides[d]]
+        parts += [f"{_short_key(k)}={overrides[d][k]}".replace("/", "-") for k in varying if k in overrides[d]]
         labels[d] = "__".join(parts)
     return labels
+
+
+def _short_key(key: str) -> str:
+    """An override's key as a label: its last part, after the tenant's name for a tenant's key
+    (``tenants.a.workload.duration_s`` -> ``a.duration_s``), so labels say whose it is."""
+    parts = key.lstrip("+~").split(".")
+    if parts[0] == "tenants" and len(parts) > 2:
+        return f"{parts[1]}.{parts[-1]}"
+    return parts[-1]
 
 
 def _as_dict(items: list[str]) -> dict[str, str]:

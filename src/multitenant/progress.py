@@ -26,7 +26,6 @@ class LiveProgress:
         self.log_every_s = log_every_s
         self._live: Live | None = None
         self._last_log = 0.0
-        self._first_tokens: dict[str, tuple[int, int]] = {}
 
     def __enter__(self) -> LiveProgress:
         if self.interactive:
@@ -39,31 +38,16 @@ class LiveProgress:
             self._live.__exit__(*exc)
 
     def _rows(self, orch: Orchestrator) -> list[tuple[str, str, str, str, str]]:
-        now = time.monotonic_ns()
         rows = []
         for name, tp in orch.tenants.items():
-            toks = int(tp.progress.get("tokens", 0))
-            reqs = int(tp.progress.get("requests", 0))
-            # Rate since the first progress message of the measured phase.
-            if tp.state == "running" and name not in self._first_tokens:
-                self._first_tokens[name] = (now, toks)
-            rate = ""
-            if name in self._first_tokens and now > self._first_tokens[name][0]:
-                t_first, tok_first = self._first_tokens[name]
-                rate = f"{(toks - tok_first) / ((now - t_first) / 1e9):.1f}"
-            rows.append((name, tp.state, str(reqs), str(toks), rate))
+            p = tp.progress
+            toks = int(p.get("tokens", 0))
+            reqs = int(p.get("requests", 0))
+            rows.append((name, state_text(tp.state, tp.final_status), str(reqs), str(toks), rate_text(orch, tp)))
         return rows
 
     def _window_text(self, orch: Orchestrator) -> str:
-        if orch.window is None:
-            return "waiting for every tenant to be ready"
-        t0, t1 = orch.window
-        now = time.monotonic_ns()
-        if now < t0:
-            return f"window starts in {(t0 - now) / 1e9:.1f} s"
-        if t1 is None:
-            return f"window open for {(now - t0) / 1e9:.0f} s (ends on request counts)"
-        return f"window {(now - t0) / 1e9:.0f} / {(t1 - t0) / 1e9:.0f} s"
+        return window_text(orch.window, time.monotonic_ns())
 
     def update(self, orch: Orchestrator) -> None:
         if not self.enabled:
@@ -71,7 +55,7 @@ class LiveProgress:
         rows = self._rows(orch)
         if self._live is not None:
             table = Table(title=f"{self.title} — {self._window_text(orch)}")
-            for col in ("tenant", "state", "requests", "tokens", "tok/s"):
+            for col in ("tenant", "state", "requests", "tokens", "rate"):
                 table.add_column(col, justify="right" if col not in ("tenant", "state") else "left")
             for r in rows:
                 table.add_row(*r)
@@ -80,5 +64,44 @@ class LiveProgress:
         now = time.monotonic()
         if now - self._last_log >= self.log_every_s:
             self._last_log = now
-            parts = [f"{n}: {s}, {q} req, {k} tok" + (f", {r} tok/s" if r else "") for n, s, q, k, r in rows]
+            parts = [f"{n}: {s}, {q} req, {k} tok" + (f", {r}" if r else "") for n, s, q, k, r in rows]
             self.console.print(f"[{self.title}] {self._window_text(orch)} | " + " | ".join(parts), markup=False, highlight=False, soft_wrap=True)
+
+
+def state_text(state: str, final_status: str | None) -> str:
+    """A tenant's state as shown: a tenant that ended other than ok says how (interrupted,
+    error), not just ``finished``."""
+    if state == "finished" and final_status not in (None, "ok"):
+        return str(final_status)
+    return state
+
+
+def rate_text(orch: Orchestrator, tp: Any) -> str:
+    """Measured-phase rate: the counts of the tenant's last progress message over the time from
+    the tenant's own window start to that message (its ``t``). The tenant resets its counts at
+    its window start, so messages from before it (warm-up counts) give no rate; tokens/s for
+    generate tenants, sequences/s for forward (encoder) tenants."""
+    if orch.window is None or "t" not in tp.progress:
+        return ""
+    t0 = orch.window[0] + int(float(tp.cfg["workload"].get("start_delay_s") or 0.0) * 1e9)
+    elapsed_s = (int(tp.progress["t"]) - t0) / 1e9
+    if elapsed_s <= 0:
+        return ""
+    if tp.cfg.get("task") == "forward":
+        return f"{int(tp.progress.get('requests', 0)) / elapsed_s:.1f} seq/s"
+    return f"{int(tp.progress.get('tokens', 0)) / elapsed_s:.1f} tok/s"
+
+
+def window_text(window: tuple[int, int | None] | None, now_ns: int) -> str:
+    """Where the run is: waiting, counting down, inside the window (never past its length), or
+    past its end while the tenants stop."""
+    if window is None:
+        return "waiting for every tenant to be ready"
+    t0, t1 = window
+    if now_ns < t0:
+        return f"window starts in {(t0 - now_ns) / 1e9:.1f} s"
+    if t1 is None:
+        return f"window open for {(now_ns - t0) / 1e9:.0f} s (ends on request counts)"
+    if now_ns >= t1:
+        return f"window of {(t1 - t0) / 1e9:.0f} s closed; stopping tenants"
+    return f"window {(now_ns - t0) / 1e9:.0f} / {(t1 - t0) / 1e9:.0f} s"

@@ -281,7 +281,7 @@ class RequestLoop:
     def _progress(self, t: int) -> None:
         if self.ctl is not None and t - self._last_progress_ns >= PROGRESS_INTERVAL_NS:
             self._last_progress_ns = t
-            self.ctl.send("progress", **self.counts)
+            self.ctl.send("progress", t=t, **self.counts)  # t: the live rate is counted from it
 
 
 def wait_until(t_ns: int, stop: threading.Event) -> None:

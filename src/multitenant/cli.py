@@ -30,6 +30,7 @@ DEFAULT_HYDRA_OVERRIDES = (
     # Job folders by number only: override values such as split=70/30 contain '/'.
     "hydra.sweep.subdir=job${hydra.job.num}",
     "hydra.job.name=mt-run",  # Hydra's own log: <run_dir>/mt-run.log
+    "hydra/help=mt_run",  # --help says what modes, shares and workloads are (configs/hydra/help)
 )
 
 _exit_codes: list[int] = []

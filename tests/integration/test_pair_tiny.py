@@ -321,3 +321,10 @@ def test_cpu_threads_come_from_the_spec(tmp_path: Path, mt_env: dict[str, str]) 
     assert seen == {"a": "1", "b": "2"}
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["tenants"]["a"]["cpu_threads"] == 1 and m["tenants"]["b"]["cpu_threads"] == 2
+
+
+def test_help_says_what_modes_shares_and_workloads_are(mt_env: dict[str, str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "multitenant.cli", "--help"], env=mt_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for needle in ("mode=mps | mps_external | timeslice | cpu", "active_thread_pct", "arrival.kind=closed", "split=70/30"):
+        assert needle in r.stdout, needle

@@ -323,6 +323,13 @@ def _md_table(table: Table) -> str:
     return "\n".join(lines)
 
 
+def listed_warnings(rm: RunMetrics) -> list[str]:
+    """The run's warnings as the terminal, summary.md and report.html list them: the run-status
+    warning is left out when the banner above already says it (summary.json keeps it)."""
+    opening = status_warning(rm.run) if banner(rm) is not None else None
+    return [w for w in rm.warnings if w != opening]
+
+
 def markdown(rms: Sequence[RunMetrics], labels: dict[int, str]) -> str:
     parts = ["# mt-analyze summary", ""]
     for rm in rms:
@@ -343,8 +350,8 @@ def markdown(rms: Sequence[RunMetrics], labels: dict[int, str]) -> str:
             parts += [f"### {table.title}", "", _md_table(table), ""]
         if rm.missing_baselines:
             parts += ["### Missing baselines", ""] + [f"- {m}" for m in rm.missing_baselines] + [""]
-        if rm.warnings:
-            parts += ["### Warnings", ""] + [f"- {w}" for w in rm.warnings] + [""]
+        if shown := listed_warnings(rm):
+            parts += ["### Warnings", ""] + [f"- {w}" for w in shown] + [""]
     return "\n".join(parts)
 
 
@@ -396,11 +403,8 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
                 )
         for message in rm.missing_baselines:
             console.print(f"  {message}", style="yellow", markup=False, highlight=False)
-        # The banner above already says the run's status: its warning is not repeated here.
-        opening = status_warning(rm.run)
-        for message in rm.warnings:
-            if message != opening:
-                console.print(f"  warning: {message}", style="yellow", markup=False, highlight=False)
+        for message in listed_warnings(rm):
+            console.print(f"  warning: {message}", style="yellow", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,9 +483,9 @@ def write_html(
             out.append("<h3>Missing baselines</h3><ul>")
             out += [f'<li class="missing">{esc(m)}</li>' for m in rm.missing_baselines]
             out.append("</ul>")
-        if rm.warnings:
+        if shown := listed_warnings(rm):
             out.append("<h3>Warnings</h3><ul>")
-            out += [f'<li class="warn">{esc(w)}</li>' for w in rm.warnings]
+            out += [f'<li class="warn">{esc(w)}</li>' for w in shown]
             out.append("</ul>")
         plots = run_plots.get(id(rm), [])
         if len(rms) == 1:

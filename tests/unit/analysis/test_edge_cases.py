@@ -168,3 +168,10 @@ def test_other_warnings_still_print_on_a_failed_run(tmp_path: Path) -> None:
     out = _terminal(compute_run(load_run(rb.write())))
     assert "warning: tenant a: tok events for 1 request id(s)" in out
     assert out.count("'failed'") == 1
+
+
+def test_a_failed_run_warns_once_in_summary_md(tmp_path: Path) -> None:
+    rm = compute_run(load_run(simple_run(tmp_path, status="failed", reason="tenant b crashed").write()))
+    md = markdown([rm], {id(rm): "run"})
+    assert md.lower().count("'failed'") == 1, md
+    assert "WARNING: Run status 'failed': tenant b crashed" in md

@@ -188,6 +188,12 @@ class _OutputThatNeverFails(io.TextIOBase):
         self._stream = stream
         self._broken = False
 
+    def _drop_if_gone(self, e: OSError) -> None:
+        """Drop the stream if ``e`` says its reader is gone; re-raise anything else."""
+        if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EPIPE, errno.EIO):
+            raise e
+        self._drop()
+
     def _drop(self) -> None:
         self._broken = True
         try:
@@ -202,9 +208,7 @@ class _OutputThatNeverFails(io.TextIOBase):
             try:
                 self._stream.write(text)
             except OSError as e:
-                if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EPIPE, errno.EIO):
-                    raise
-                self._drop()
+                self._drop_if_gone(e)
         return len(text)
 
     def flush(self) -> None:
@@ -212,9 +216,7 @@ class _OutputThatNeverFails(io.TextIOBase):
             try:
                 self._stream.flush()
             except OSError as e:
-                if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EPIPE, errno.EIO):
-                    raise
-                self._drop()
+                self._drop_if_gone(e)
 
     def isatty(self) -> bool:
         return not self._broken and self._stream.isatty()

@@ -549,14 +549,12 @@ class Orchestrator:
         self.selector.close()
         # Each step runs even if one before it fails (a run folder removed or a full disk can
         # make the redaction or the telemetry write raise): the MPS daemon must always stop.
-        try:
+        # ExitStack runs its callbacks last-in first-out and re-raises the first error.
+        with contextlib.ExitStack() as steps:
+            steps.callback(self._stop_daemon)
+            if self.sampler is not None:
+                steps.callback(self.sampler.stop)
             self._redact_secrets()
-        finally:
-            try:
-                if self.sampler is not None:
-                    self.sampler.stop()
-            finally:
-                self._stop_daemon()
 
     def _stop_daemon(self) -> None:
         if self.daemon is not None:

@@ -37,8 +37,14 @@ when there is no sample.
 
 Interference (needs a solo baseline of the same tenant spec, backend options included, on a GPU
 of the same name; ``tenant_spec``):
-  NP_i = throughput co-located / throughput solo; slowdown = co-located percentile / solo one;
+  NP_i = throughput co-located / throughput solo      closed-loop tenant (``np_definition`` "throughput")
+  NP_i = mean E2E solo / mean E2E co-located           open-loop tenant (poisson, gamma, constant: "e2e")
+  slowdown = co-located percentile / solo one;
   STP = sum NP_i; ANTT = mean(1 / NP_i); fairness = min NP / max NP; Jain = (sum x)^2 / (n sum x^2).
+  An open-loop tenant that keeps up emits exactly its offered load, so its throughput ratio stays
+  near 1 whatever the interference; the time the same work takes alone over the time it takes
+  shared is what moves. Its means are those of the latency statistics (completed requests sent in
+  each run's window); when either run has no such request, its NP is null, with a warning.
   The aggregate figures are null unless every tenant of the run has an NP.
 
 SLO attainment = good / (requests in window that completed ok, failed or never finished);
@@ -80,6 +86,11 @@ SPLIT_STAT_KEYS = ("mean", "p50", "p99")
 SPLIT_NEGATIVE_TOLERANCE_MS = 1.0  # clocks of one host's processes agree far better than this
 NS_PER_MS = 1e6
 NS_PER_S = 1e9
+# How a tenant's NP is defined (module docstring, "Interference"); summary.json's ``np_definition``.
+NP_THROUGHPUT = "throughput"
+NP_E2E = "e2e"
+# Arrival processes whose schedule does not wait for the engine (config.ARRIVALS less "closed").
+OPEN_LOOP_ARRIVALS = ("poisson", "gamma", "constant")
 
 
 class SloError(ValueError):
@@ -284,7 +295,11 @@ class TenantMetrics:
     slo_attainment: float | None = None
     goodput_req_s: float | None = None
     np: float | None = None
+    np_definition: str | None = None  # NP_THROUGHPUT or NP_E2E; None in a run without interference figures
     solo_throughput: float | None = None
+    # The two means an NP_E2E tenant's NP divides (ms); None for NP_THROUGHPUT tenants.
+    solo_e2e_mean_ms: float | None = None
+    colocated_e2e_mean_ms: float | None = None
     slowdown: dict[str, float | None] | None = None
     baseline_run_dir: str | None = None
     table: RequestTable | None = None
@@ -638,6 +653,14 @@ def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunDa
     return None
 
 
+def np_definition(run: RunData, name: str) -> str:
+    """NP_E2E for a tenant whose ``workload.arrival.kind`` is open loop (OPEN_LOOP_ARRIVALS),
+    NP_THROUGHPUT otherwise (closed loop, or no config to tell)."""
+    cfg = run.tenant_config(name) or {}
+    arrival = (cfg.get("workload") or {}).get("arrival") or {}
+    return NP_E2E if isinstance(arrival, dict) and arrival.get("kind") in OPEN_LOOP_ARRIVALS else NP_THROUGHPUT
+
+
 def newest_first(runs: list[RunData]) -> list[RunData]:
     """Sort by the manifest's ``started_wall`` (ISO 8601 sorts as text), newest first."""
     return sorted(runs, key=lambda r: str(r.manifest.get("started_wall") or ""), reverse=True)
@@ -657,6 +680,7 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | None]) -> None
         )
         return
     for name, tm in rm.tenants.items():
+        tm.np_definition = np_definition(rm.run, name)
         solo = solos.get(name)
         if solo is None:
             rm.missing_baselines.append(
@@ -667,7 +691,14 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | None]) -> None
         (solo_tm,) = solo.tenants.values()
         tm.baseline_run_dir = str(solo.run.run_dir)
         tm.solo_throughput = solo_tm.throughput
-        tm.np = _ratio(tm.throughput, solo_tm.throughput)
+        if tm.np_definition == NP_E2E:
+            tm.solo_e2e_mean_ms = solo_tm.latency["e2e"]["mean"]
+            tm.colocated_e2e_mean_ms = tm.latency["e2e"]["mean"]
+            tm.np = _ratio(tm.solo_e2e_mean_ms, tm.colocated_e2e_mean_ms)
+            if tm.np is None:
+                rm.warnings.append(_e2e_np_warning(name, tm))
+        else:
+            tm.np = _ratio(tm.throughput, solo_tm.throughput)
         tm.slowdown = {
             key: _ratio(tm.latency[metric][stat], solo_tm.latency[metric][stat]) for key, metric, stat in SLOWDOWN_KEYS
         }
@@ -680,6 +711,20 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | None]) -> None
     rm.fairness = float(values.min() / values.max()) if values.max() > 0 else None
     square_sum = float(np.sum(values**2))
     rm.jain = float(values.sum() ** 2 / (values.size * square_sum)) if square_sum > 0 else None
+
+
+def _e2e_np_warning(name: str, tm: TenantMetrics) -> str:
+    """Why an open-loop tenant's NP (mean solo E2E / mean co-located E2E) is null."""
+    missing = [run for run, mean in (("solo", tm.solo_e2e_mean_ms), ("co-located", tm.colocated_e2e_mean_ms)) if mean is None]
+    if missing:
+        have = "runs have no completed request in their windows" if len(missing) > 1 else "run has no completed request in its window"
+        why = f"the {' and the '.join(missing)} {have}"
+    else:
+        why = f"its mean co-located E2E is {tm.colocated_e2e_mean_ms} ms"
+    return (
+        f"tenant {name}: open-loop NP (mean solo E2E / mean co-located E2E) is null: {why}; "
+        "STP, ANTT, fairness and Jain are null too"
+    )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from multitenant.analysis.load import NO_TIME  # noqa: E402
-from multitenant.analysis.metrics import NS_PER_S, SLOWDOWN_KEYS, RunMetrics  # noqa: E402
+from multitenant.analysis.metrics import NP_E2E, NS_PER_S, SLOWDOWN_KEYS, RunMetrics  # noqa: E402
 from multitenant.schema import STATUS_OK  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
@@ -309,7 +309,9 @@ def plot_across(
     ax.bar(x - 0.2, solo, 0.4, color=bar_colors, alpha=0.35, hatch="//", edgecolor="0.3", label="solo")
     ax.bar(x + 0.2, colo, 0.4, color=bar_colors, edgecolor="0.3", label="co-located")
     for xi, (_, _, tm), height in zip(x, rows, colo, strict=True):
-        ax.annotate(f"NP {tm.np:.2f}", (xi + 0.2, height), ha="center", va="bottom", fontsize="small")
+        # An open-loop tenant's NP is its mean solo / co-located E2E, not this bar pair's ratio.
+        label = f"NP {tm.np:.2f}" + (" E2E" if tm.np_definition == NP_E2E else "")
+        ax.annotate(label, (xi + 0.2, height), ha="center", va="bottom", fontsize="small")
     ax.set_xticks(x, names, fontsize="small")
     units = {tm.throughput_unit for _, _, tm in rows}
     ax.set_ylabel("throughput (" + " or ".join(sorted(units)) + ")")

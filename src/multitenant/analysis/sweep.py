@@ -1,0 +1,787 @@
+"""Sweeps: runs grouped into points, means and 95 % confidence intervals over trials, the best
+point under an SLO, rate limits and the measured share of wall time.
+
+Grouping. A run's command-line overrides (manifest ``overrides``, else its
+``.hydra/overrides.yaml``) as ``{key: value}``, with Hydra's own keys and the ``trial`` /
+``trials`` keys left out (leading ``+``/``~`` stripped from keys). The sweep's **axes** are the
+keys whose value differs between the runs (a key some runs lack differs); overrides equal in
+every run are no axis. Runs with the same values on every axis are one **point**; its runs are
+its trials, wherever they came from (several sweep folders pool). When the runs belong to
+different experiments (manifest ``name``), ``experiment`` is an axis too, so unrelated runs never
+pool. Runs whose status is not ``ok`` stay out of every mean, with a warning naming them; the
+same run found twice (equal host, ``started_ns`` and folder name: a copied folder) counts once.
+
+Estimates. For a point's n values x_1..x_n of one metric (trials where it is defined):
+  mean = Σ x_i / n,  s = sqrt(Σ (x_i - mean)² / (n - 1)),
+  95 % CI = mean ± t_{0.975, n-1} · s / sqrt(n)        (Student t; ``t_quantile``)
+With n = 1 there is no interval (``ci_low`` = ``ci_high`` = None); with n = 0 no mean either.
+
+Headline metrics (``TENANT_METRICS`` per tenant, ``RUN_METRICS`` for the run, tenant ``RUN_LEVEL``):
+per-tenant throughput, TTFT/TPOT/E2E p50 and p99 (ms), NP, SLO attainment, goodput (req/s);
+aggregate throughput (tok/s), STP, ANTT, fairness, Jain, aggregate goodput (Σ tenants' goodput,
+req/s). They are each run's own figures (``metrics.compute_run``), averaged over trials.
+
+Best point. With an SLO and target q: a point is feasible when every tenant's mean SLO attainment
+is >= q (a tenant without an attainment makes it infeasible); the best point is the feasible one
+with the highest mean aggregate throughput (objective ``throughput``) or mean aggregate goodput
+(``goodput``); ties go to the higher lowest-tenant attainment, then to the earlier point. With no
+feasible point, the closest is the one with the highest lowest-tenant mean attainment (ties: the
+higher objective).
+
+Rate sweeps. For an axis ``tenants.<t>.workload.arrival.rate`` (values numbers, req/s), for each
+combination of the other axes and each tenant: attainment against rate, and the highest swept rate
+up to which the tenant meets q at every swept rate (None when it misses at the lowest).
+
+Wall-time share, per sweep folder (a run's parent folder):
+  share = Σ window lengths of its ok runs / (last run's ended_ns - first run's started_ns)
+on the host's CLOCK_MONOTONIC; a folder whose runs ran on several hosts uses
+``started_wall``/``ended_wall`` instead. Several folders (from several nodes) are reported one
+by one, and pooled as Σ windows / Σ folder wall times. Per tenant: mean ``load_s`` and
+``warmup_s`` of the manifests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitenant.analysis.metrics import NS_PER_S, RunMetrics
+from multitenant.schema import RUN_OK
+
+CONFIDENCE = 0.95
+RUN_LEVEL = "*"  # the ``tenant`` of run-level metrics (STP, aggregate throughput, ...)
+TRIAL_KEYS = ("trial", "trials")
+EXPERIMENT_AXIS = "experiment"
+OBJECTIVES = ("throughput", "goodput")
+# Per tenant; names follow summary.json (``ttft_ms.p50`` -> ``ttft_p50_ms``).
+TENANT_METRICS = (
+    "throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+    "np", "slo_attainment", "goodput_req_s",
+)  # fmt: skip
+RUN_METRICS = ("gpu_throughput_tok_s", "stp", "antt", "fairness", "jain", "goodput_req_s")
+OBJECTIVE_METRIC = {"throughput": "gpu_throughput_tok_s", "goodput": "goodput_req_s"}
+_RATE_KEY = re.compile(r"^tenants\.([^.]+)\.workload\.arrival\.rate$")
+_SHARE_KEY = re.compile(r"^tenants\.([^.]+)\.share\.active_thread_pct$")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_SPLIT = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Student t
+
+
+def t_cdf_two_sided(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df`` >= 1, exactly (Abramowitz & Stegun 26.7.3-4).
+
+    With θ = atan(t / sqrt(df)), c = cos θ, s = sin θ:
+      df odd:  (2/π) (θ + s c (1 + (2/3) c² + (2·4)/(3·5) c⁴ + ... + (2·4···(df-3))/(3·5···(df-2)) c^(df-3)))
+      df even: s (1 + (1/2) c² + (1·3)/(2·4) c⁴ + ... + (1·3···(df-3))/(2·4···(df-2)) c^(df-2))
+    (the bracketed series is empty for df = 1 and is 1 for df = 2, 3).
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 1:
+        if df == 1:
+            return 2.0 * theta / math.pi
+        term, total = 1.0, 1.0
+        for k in range(2, df - 1, 2):  # factors k/(k+1) for k = 2, 4, ..., df-3
+            term *= k / (k + 1) * c2
+            total += term
+        return 2.0 / math.pi * (theta + s * math.cos(theta) * total)
+    term, total = 1.0, 1.0
+    for k in range(1, df - 2, 2):  # factors k/(k+1) for k = 1, 3, ..., df-3
+        term *= k / (k + 1) * c2
+        total += term
+    return s * total
+
+
+def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """t_{(1+confidence)/2, df}: the half-width factor of a two-sided ``confidence`` interval.
+
+    Solved from ``t_cdf_two_sided`` by bisection to double precision (t_{0.975,1} = 12.7062,
+    t_{0.975,2} = 4.3027, t_{0.975,30} = 2.0423, t_{0.975,∞} = 1.9600). No scipy needed.
+    """
+    lo, hi = 0.0, 1.0
+    while t_cdf_two_sided(hi, df) < confidence:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if mid in (lo, hi):
+            break
+        if t_cdf_two_sided(mid, df) < confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One metric at one point over its trials: n values, mean, sample std (ddof 1), 95 % CI."""
+
+    n: int
+    mean: float | None
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.ci_low is None or self.ci_high is None else (self.ci_high - self.ci_low) / 2.0
+
+
+def estimate(values: Sequence[float | None], confidence: float = CONFIDENCE) -> Estimate:
+    """Mean and Student-t interval (module docstring) of the defined, finite ``values``."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return Estimate(0, None, None, None, None)
+    mean = float(x.mean())
+    if n == 1:
+        return Estimate(1, mean, None, None, None)
+    std = float(x.std(ddof=1))
+    half = t_quantile(n - 1, confidence) * std / math.sqrt(n)
+    return Estimate(n, mean, std, mean - half, mean + half)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs -> overrides, trial, headline values
+
+
+def _as_dict(items: Sequence[object]) -> dict[str, str]:
+    """``["split=70/30", "+x=1"]`` -> ``{"split": "70/30", "x": "1"}``; Hydra's keys left out."""
+    out: dict[str, str] = {}
+    for item in items:
+        text = str(item)
+        if "=" not in text:
+            continue
+        key, value = text.split("=", 1)
+        key = key.lstrip("+~").strip()
+        if key.startswith(("hydra.", "hydra/")) or key == "hydra":
+            continue
+        out[key] = value.strip()
+    return out
+
+
+def run_overrides(rm: RunMetrics) -> dict[str, str]:
+    """The run's overrides (manifest ``overrides``, else ``.hydra/overrides.yaml``), trial keys included."""
+    items = rm.run.manifest.get("overrides")
+    if not isinstance(items, list):
+        path = rm.run.run_dir / ".hydra" / "overrides.yaml"
+        items = []
+        if path.is_file():
+            import yaml
+
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            items = loaded if isinstance(loaded, list) else []
+    return _as_dict(items)
+
+
+def run_trial(rm: RunMetrics, overrides: dict[str, str]) -> int | None:
+    """The run's trial index: ``trial`` of config.resolved.yaml, else its ``trial=K`` override."""
+    for value in ((rm.run.config or {}).get("trial"), overrides.get("trial")):
+        try:
+            if value is not None:
+                return int(value)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def headline(rm: RunMetrics) -> dict[tuple[str, str], float | None]:
+    """The run's headline figures by (tenant or RUN_LEVEL, metric)."""
+    out: dict[tuple[str, str], float | None] = {}
+    goodputs: list[float | None] = []
+    for name, tm in rm.tenants.items():
+        values: dict[str, float | None] = {
+            "throughput_tok_s": tm.throughput,
+            "np": tm.np,
+            "slo_attainment": tm.slo_attainment,
+            "goodput_req_s": tm.goodput_req_s,
+        }
+        for metric in ("ttft", "tpot", "e2e"):
+            stats = tm.latency.get(metric) or {}
+            values[f"{metric}_p50_ms"] = stats.get("p50")
+            values[f"{metric}_p99_ms"] = stats.get("p99")
+        out.update({(name, m): values[m] for m in TENANT_METRICS})
+        goodputs.append(tm.goodput_req_s)
+    aggregate_goodput = (
+        None if not goodputs or any(g is None for g in goodputs) else float(sum(g or 0.0 for g in goodputs))
+    )
+    run_values: dict[str, float | None] = {
+        "gpu_throughput_tok_s": rm.gpu_throughput_tok_s,
+        "stp": rm.stp,
+        "antt": rm.antt,
+        "fairness": rm.fairness,
+        "jain": rm.jain,
+        "goodput_req_s": aggregate_goodput,
+    }
+    out.update({(RUN_LEVEL, m): run_values[m] for m in RUN_METRICS})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Axis values
+
+
+def is_rate_key(key: str) -> bool:
+    """An open-loop arrival rate axis: ``tenants.<t>.workload.arrival.rate``."""
+    return _RATE_KEY.match(key) is not None
+
+
+def is_split_key(key: str) -> bool:
+    """An MPS share axis: ``split`` (``70/30``) or ``tenants.<t>.share.active_thread_pct``."""
+    return key == "split" or _SHARE_KEY.match(key) is not None
+
+
+def axis_number(value: str | None) -> float | None:
+    """A value as a number for ordering and plotting: ``4`` -> 4.0, a split ``70/30`` -> 70.0 (its
+    first tenant's share); None for anything else."""
+    if value is None:
+        return None
+    text = value.strip().strip("'\"")
+    if _NUMBER.match(text):
+        return float(text)
+    if _SPLIT.match(text):
+        return float(text.split("/", 1)[0])
+    return None
+
+
+def value_order(value: str | None) -> tuple[int, float, str]:
+    """Sort key of an axis value: numbers (and splits) by number, others by text, unset last."""
+    if value is None:
+        return (2, 0.0, "")
+    number = axis_number(value)
+    return (0, number, value) if number is not None else (1, 0.0, value)
+
+
+def short_key(key: str) -> str:
+    """An axis name for labels: its last part, after the tenant's name for a tenant's key
+    (``tenants.b.workload.arrival.rate`` -> ``b.rate``)."""
+    parts = key.split(".")
+    if parts[0] == "tenants" and len(parts) > 2:
+        return f"{parts[1]}.{parts[-1]}"
+    return parts[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class SweepRun:
+    """One run of the sweep: its metrics, label, overrides and trial; ``excluded`` says why it
+    stays out of the means (None: it counts)."""
+
+    rm: RunMetrics
+    label: str
+    overrides: dict[str, str]
+    trial: int | None
+    excluded: str | None = None
+
+
+@dataclass
+class Point:
+    """One sweep point: its value on every axis, the trials that count and the estimates."""
+
+    values: tuple[str | None, ...]
+    runs: list[SweepRun] = field(default_factory=list)
+    excluded: list[SweepRun] = field(default_factory=list)
+    tenants: list[str] = field(default_factory=list)
+    estimates: dict[tuple[str, str], Estimate] = field(default_factory=dict)
+    feasible: bool | None = None  # None without an SLO
+    pareto: bool | None = None  # None unless every tenant has an NP at this point (and >= 2 tenants)
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.runs)
+
+    def get(self, tenant: str, metric: str) -> Estimate:
+        return self.estimates.get((tenant, metric)) or Estimate(0, None, None, None, None)
+
+    def label(self, axes: Sequence[str]) -> str:
+        """``split=70/30, b.rate=4`` (``default`` for an axis this point does not set)."""
+        if not axes:
+            return "all runs"
+        return ", ".join(
+            f"{short_key(k)}={'default' if v is None else v}" for k, v in zip(axes, self.values, strict=True)
+        )
+
+
+@dataclass
+class Choice:
+    """A point judged against the SLO target: feasibility, objective, lowest-tenant attainment."""
+
+    point: Point
+    feasible: bool
+    objective: Estimate
+    min_attainment: float | None  # min over tenants of the mean attainment
+    worst_tenant: str | None
+    # Every tenant's CI lower bound >= target too (None when some tenant has no interval).
+    holds_at_ci_low: bool | None
+
+
+@dataclass
+class RateLimit:
+    """One tenant's SLO attainment against one rate axis, the other axes held at ``fixed``."""
+
+    key: str
+    tenant: str
+    fixed: dict[str, str | None]
+    rates: list[float]
+    attainment: list[Estimate]
+    max_rate: float | None  # highest swept rate up to which every swept rate meets the target
+
+
+@dataclass
+class FolderCost:
+    """Where one sweep folder's wall time went (module docstring, "Wall-time share")."""
+
+    folder: Path
+    runs: int
+    hosts: list[str]
+    clock: str  # "monotonic" (one host) or "wall" (several hosts), "" when no times
+    window_s: float
+    wall_s: float | None
+    share: float | None
+    load_s: dict[str, float]
+    warmup_s: dict[str, float]
+
+
+@dataclass
+class Cost:
+    folders: list[FolderCost]
+    window_s: float
+    wall_s: float | None  # Σ folder wall times
+    share: float | None  # pooled: Σ windows / Σ folder wall times
+    load_s: dict[str, float]  # mean over every run
+    warmup_s: dict[str, float]
+
+
+@dataclass
+class Sweep:
+    axes: list[str]
+    points: list[Point]
+    tenants: list[str]
+    rows: list[tuple[str, str]]  # (tenant or RUN_LEVEL, metric) with a value in some run
+    runs: list[SweepRun]
+    cost: Cost
+    slo: dict[str, float] | None = None
+    target: float = 0.9
+    objective: str = "throughput"
+    choices: list[Choice] = field(default_factory=list)
+    best: Choice | None = None
+    closest: Choice | None = None
+    rate_limits: list[RateLimit] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def split_axes(self) -> list[str]:
+        return [k for k in self.axes if is_split_key(k)]
+
+    @property
+    def rate_axes(self) -> list[str]:
+        return [k for k in self.axes if is_rate_key(k)]
+
+
+def is_sweep(rms: Sequence[RunMetrics]) -> bool:
+    """Whether the analysis gets a sweep summary: several runs, or a job of a Hydra multirun."""
+    return len(rms) > 1 or any((rm.run.run_dir.parent / "multirun.yaml").is_file() for rm in rms)
+
+
+def build_sweep(
+    rms: Sequence[RunMetrics],
+    labels: dict[Path, str] | None = None,
+    target: float = 0.9,
+    objective: str = "throughput",
+) -> Sweep:
+    """Group ``rms`` into points and compute every estimate, the best point (when the runs were
+    analysed with an SLO), rate limits and the wall-time share."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
+    labels = labels or {}
+    warnings: list[str] = []
+    runs: list[SweepRun] = []
+    seen: dict[tuple[str, int, str], SweepRun] = {}
+    for rm in rms:
+        overrides = run_overrides(rm)
+        sr = SweepRun(
+            rm, labels.get(rm.run.run_dir, rm.run.run_dir.name), overrides, run_trial(rm, overrides)
+        )
+        host = str((rm.run.manifest.get("host") or {}).get("hostname") or "")
+        started = rm.run.manifest.get("started_ns")
+        if isinstance(started, int):
+            twin = seen.get((host, started, rm.run.run_dir.name))
+            if twin is not None:
+                warnings.append(
+                    f"{sr.label} and {twin.label} are the same run (host {host or '?'}, same start time): counted once"
+                )
+                continue
+            seen[(host, started, rm.run.run_dir.name)] = sr
+        if rm.run.status != RUN_OK:
+            reason = rm.run.manifest.get("reason")
+            sr.excluded = rm.run.status + (f": {reason}" if reason else "")
+        runs.append(sr)
+
+    keyed = [{k: v for k, v in sr.overrides.items() if k not in TRIAL_KEYS} for sr in runs]
+    if len({sr.rm.run.name for sr in runs}) > 1:
+        for sr, keys in zip(runs, keyed, strict=True):
+            keys[EXPERIMENT_AXIS] = sr.rm.run.name
+    all_keys = sorted({k for keys in keyed for k in keys})
+    axes = [k for k in all_keys if len({keys.get(k) for keys in keyed}) > 1]
+    if EXPERIMENT_AXIS in axes:
+        axes = [EXPERIMENT_AXIS] + [k for k in axes if k != EXPERIMENT_AXIS]
+
+    points_by: dict[tuple[str | None, ...], Point] = {}
+    for sr, keys in zip(runs, keyed, strict=True):
+        values = tuple(keys.get(k) for k in axes)
+        point = points_by.setdefault(values, Point(values))
+        (point.excluded if sr.excluded is not None else point.runs).append(sr)
+    points = sorted(points_by.values(), key=lambda p: tuple(value_order(v) for v in p.values))
+
+    excluded = [sr for sr in runs if sr.excluded is not None]
+    if excluded:
+        warnings.append(
+            f"{len(excluded)} run(s) left out of the sweep means: "
+            + "; ".join(f"{sr.label} ({sr.excluded})" for sr in excluded)
+        )
+
+    tenants: list[str] = []
+    values_by_run = {id(sr): headline(sr.rm) for sr in runs if sr.excluded is None}
+    for sr in runs:
+        for name in sr.rm.tenants:
+            if name not in tenants:
+                tenants.append(name)
+    rows: list[tuple[str, str]] = []
+    for tenant in [*tenants, RUN_LEVEL]:
+        for metric in RUN_METRICS if tenant == RUN_LEVEL else TENANT_METRICS:
+            if any(v.get((tenant, metric)) is not None for v in values_by_run.values()):
+                rows.append((tenant, metric))
+    for point in points:
+        point.tenants = [t for t in tenants if any(t in sr.rm.tenants for sr in point.runs + point.excluded)]
+        for row in rows:
+            point.estimates[row] = estimate([values_by_run[id(sr)].get(row) for sr in point.runs])
+        if not point.runs:
+            warnings.append(f"point {point.label(axes)} has no run that counts: no estimates")
+
+    gpus = sorted({str(sr.rm.run.gpu_name) for sr in runs if sr.excluded is None})
+    if len(gpus) > 1:
+        warnings.append(f"runs on different GPUs pool into the same points: {', '.join(gpus)}")
+
+    slo = next((sr.rm.slo for sr in runs if sr.rm.slo is not None), None)
+    sweep = Sweep(
+        axes, points, tenants, rows, runs, sweep_cost(runs), slo=slo, target=target, objective=objective
+    )
+    sweep.warnings = warnings
+    _pareto(sweep)
+    if slo is not None:
+        _choose(sweep)
+        sweep.rate_limits = rate_limits(sweep)
+    return sweep
+
+
+def _pareto(sweep: Sweep) -> None:
+    """Mark the points whose mean NPs no other point beats for every tenant at once (needs >= 2
+    tenants with an NP mean): p is dominated when some q has NP_i(q) >= NP_i(p) for every i and
+    > for one."""
+    if len(sweep.tenants) < 2:
+        return
+    vectors: dict[int, np.ndarray] = {}
+    for i, point in enumerate(sweep.points):
+        nps = [point.get(t, "np").mean for t in sweep.tenants]
+        if all(x is not None for x in nps):
+            vectors[i] = np.asarray(nps, dtype=np.float64)
+    for i, v in vectors.items():
+        dominated = any(bool(np.all(w >= v) and np.any(w > v)) for j, w in vectors.items() if j != i)
+        sweep.points[i].pareto = not dominated
+
+
+def judge(point: Point, target: float, objective: str) -> Choice:
+    """Feasibility of one point (every tenant's mean attainment >= target) and its objective."""
+    attainments = {t: point.get(t, "slo_attainment") for t in point.tenants}
+    means = {t: e.mean for t, e in attainments.items()}
+    known = {t: m for t, m in means.items() if m is not None}
+    feasible = (
+        bool(point.tenants) and len(known) == len(point.tenants) and all(m >= target for m in known.values())
+    )
+    worst = min(known, key=lambda t: known[t]) if known else None
+    lows = [e.ci_low for e in attainments.values()]
+    holds = (
+        None if not lows or any(x is None for x in lows) else all(x is not None and x >= target for x in lows)
+    )
+    return Choice(
+        point=point,
+        feasible=feasible,
+        objective=point.get(RUN_LEVEL, OBJECTIVE_METRIC[objective]),
+        min_attainment=None if worst is None or len(known) < len(point.tenants) else known[worst],
+        worst_tenant=worst,
+        holds_at_ci_low=holds,
+    )
+
+
+def _choose(sweep: Sweep) -> None:
+    """Best feasible point by the objective, else the closest point (module docstring)."""
+    sweep.choices = [judge(p, sweep.target, sweep.objective) for p in sweep.points]
+    for choice in sweep.choices:
+        choice.point.feasible = choice.feasible
+    feasible = [c for c in sweep.choices if c.feasible]
+
+    def objective(c: Choice) -> float:
+        return c.objective.mean if c.objective.mean is not None else -math.inf
+
+    def attainment(c: Choice) -> float:
+        return c.min_attainment if c.min_attainment is not None else -math.inf
+
+    if feasible:
+        # max() keeps the first of equals: the earlier point wins a full tie.
+        sweep.best = max(feasible, key=lambda c: (objective(c), attainment(c)))
+        return
+    judged = [c for c in sweep.choices if c.min_attainment is not None]
+    if judged:
+        sweep.closest = max(judged, key=lambda c: (attainment(c), objective(c)))
+
+
+def rate_limits(sweep: Sweep) -> list[RateLimit]:
+    """Attainment against each rate axis per tenant, and the highest rate meeting the target."""
+    out: list[RateLimit] = []
+    for key in sweep.rate_axes:
+        k = sweep.axes.index(key)
+        others = [a for a in sweep.axes if a != key]
+        groups: dict[tuple[str | None, ...], list[tuple[float, Point]]] = {}
+        unreadable = sorted({str(p.values[k]) for p in sweep.points if _rate(p.values[k]) is None})
+        if unreadable:
+            sweep.warnings.append(
+                f"{key}: values {', '.join(unreadable)} are not rates (req/s numbers); left out of the rate limits"
+            )
+        for point in sweep.points:
+            rate = _rate(point.values[k])
+            if rate is None:
+                continue
+            fixed = tuple(v for a, v in zip(sweep.axes, point.values, strict=True) if a != key)
+            groups.setdefault(fixed, []).append((rate, point))
+        for fixed, members in groups.items():
+            members.sort(key=lambda rp: rp[0])
+            for tenant in sweep.tenants:
+                rates = [r for r, _ in members]
+                att = [p.get(tenant, "slo_attainment") for _, p in members]
+                max_rate = None
+                for rate, e in zip(rates, att, strict=True):
+                    if e.mean is None or e.mean < sweep.target:
+                        break
+                    max_rate = rate
+                out.append(
+                    RateLimit(key, tenant, dict(zip(others, fixed, strict=True)), rates, att, max_rate)
+                )
+    return out
+
+
+def _rate(value: str | None) -> float | None:
+    text = None if value is None else value.strip().strip("'\"")
+    return float(text) if text is not None and _NUMBER.match(text) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wall-time share
+
+
+def _wall_ns(text: object) -> int | None:
+    """An ISO 8601 wall time (manifest ``started_wall``) as ns since the epoch."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return int(round(moment.timestamp() * 1e6)) * 1000
+
+
+def _mean_per_tenant(runs: Sequence[SweepRun], key: str) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for sr in runs:
+        for name, entry in (sr.rm.run.manifest.get("tenants") or {}).items():
+            value = entry.get(key) if isinstance(entry, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                values.setdefault(str(name), []).append(float(value))
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def folder_cost(folder: Path, runs: Sequence[SweepRun]) -> FolderCost:
+    """Σ windows of the ok runs / (last ended - first started) of one folder's runs."""
+    hosts = sorted({str((sr.rm.run.manifest.get("host") or {}).get("hostname") or "?") for sr in runs})
+    window_s = sum(sr.rm.window_s or 0.0 for sr in runs if sr.excluded is None)
+    clock = "monotonic" if len(hosts) == 1 else "wall"
+    starts: list[int] = []
+    ends: list[int] = []
+    for sr in runs:
+        m = sr.rm.run.manifest
+        if clock == "monotonic":
+            start, end = m.get("started_ns"), m.get("ended_ns")
+        else:
+            start, end = _wall_ns(m.get("started_wall")), _wall_ns(m.get("ended_wall"))
+        if isinstance(start, int):
+            starts.append(start)
+            # A run killed before it recorded its end still ran from its start.
+            ends.append(end if isinstance(end, int) else start)
+    wall_s = (max(ends) - min(starts)) / NS_PER_S if starts else None
+    share = window_s / wall_s if wall_s else None
+    return FolderCost(
+        folder=folder,
+        runs=len(runs),
+        hosts=hosts,
+        clock=clock if starts else "",
+        window_s=window_s,
+        wall_s=wall_s,
+        share=share,
+        load_s=_mean_per_tenant(runs, "load_s"),
+        warmup_s=_mean_per_tenant(runs, "warmup_s"),
+    )
+
+
+def sweep_cost(runs: Sequence[SweepRun]) -> Cost:
+    """Wall-time share per sweep folder (a run's parent) and pooled over the folders."""
+    by_folder: dict[Path, list[SweepRun]] = {}
+    for sr in runs:
+        by_folder.setdefault(sr.rm.run.run_dir.resolve().parent, []).append(sr)
+    folders = [folder_cost(f, rs) for f, rs in sorted(by_folder.items())]
+    window_s = sum(f.window_s for f in folders)
+    walls = [f.wall_s for f in folders if f.wall_s]
+    wall_s = sum(walls) if walls and len(walls) == len(folders) else None
+    return Cost(
+        folders=folders,
+        window_s=window_s,
+        wall_s=wall_s,
+        share=window_s / wall_s if wall_s else None,
+        load_s=_mean_per_tenant(runs, "load_s"),
+        warmup_s=_mean_per_tenant(runs, "warmup_s"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# As data (sweep.json, sweep.csv)
+
+
+def estimate_dict(e: Estimate) -> dict[str, Any]:
+    return {"n": e.n, "mean": e.mean, "std": e.std, "ci_low": e.ci_low, "ci_high": e.ci_high}
+
+
+def single_trial_note(point: Point) -> str | None:
+    if point.n_trials == 1:
+        return "1 trial: no confidence interval"
+    if point.n_trials == 0:
+        return "no run that counts: no estimates"
+    return None
+
+
+def choice_dict(sweep: Sweep, c: Choice | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "point": dict(zip(sweep.axes, c.point.values, strict=True)),
+        "label": c.point.label(sweep.axes),
+        "n_trials": c.point.n_trials,
+        "feasible": c.feasible,
+        "objective": sweep.objective,
+        "objective_metric": OBJECTIVE_METRIC[sweep.objective],
+        "objective_value": estimate_dict(c.objective),
+        "min_attainment": c.min_attainment,
+        "worst_tenant": c.worst_tenant,
+        "attainment": {t: estimate_dict(c.point.get(t, "slo_attainment")) for t in c.point.tenants},
+        "holds_at_ci_low": c.holds_at_ci_low,
+    }
+
+
+def sweep_dict(sweep: Sweep) -> dict[str, Any]:
+    """Everything sweep.json holds (see docs/analysis.md, "Sweeps")."""
+    points = []
+    for p in sweep.points:
+        metrics: dict[str, dict[str, Any]] = {}
+        for tenant, metric in sweep.rows:
+            if tenant == RUN_LEVEL or tenant in p.tenants:
+                metrics.setdefault(tenant, {})[metric] = estimate_dict(p.get(tenant, metric))
+        points.append(
+            {
+                "point": dict(zip(sweep.axes, p.values, strict=True)),
+                "label": p.label(sweep.axes),
+                "n_trials": p.n_trials,
+                "note": single_trial_note(p),
+                "trials": [sr.trial for sr in p.runs],
+                "runs": [str(sr.rm.run.run_dir) for sr in p.runs],
+                "excluded": [{"run_dir": str(sr.rm.run.run_dir), "why": sr.excluded} for sr in p.excluded],
+                "feasible": p.feasible,
+                "pareto": p.pareto,
+                "metrics": metrics,
+            }
+        )
+    cost = sweep.cost
+    return {
+        "schema": 1,
+        "axes": sweep.axes,
+        "tenants": sweep.tenants,
+        "run_level": RUN_LEVEL,
+        "ci": f"{int(CONFIDENCE * 100)} % Student t over trials: mean ± t(0.975, n-1)·s/√n, s the sample std (n-1); none for n = 1",
+        "points": points,
+        "slo_ms": sweep.slo,
+        "slo_target": sweep.target if sweep.slo is not None else None,
+        "objective": sweep.objective if sweep.slo is not None else None,
+        "best": choice_dict(sweep, sweep.best),
+        "closest": choice_dict(sweep, sweep.closest),
+        "closest_rule": "highest lowest-tenant mean SLO attainment (ties: higher objective)",
+        "rate_limits": [
+            {
+                "axis": r.key,
+                "tenant": r.tenant,
+                "fixed": r.fixed,
+                "rates": r.rates,
+                "attainment": [estimate_dict(e) for e in r.attainment],
+                "max_rate": r.max_rate,
+            }
+            for r in sweep.rate_limits
+        ],
+        "cost": {
+            "folders": [
+                {
+                    "folder": str(f.folder),
+                    "runs": f.runs,
+                    "hosts": f.hosts,
+                    "clock": f.clock,
+                    "window_s": f.window_s,
+                    "wall_s": f.wall_s,
+                    "measured_share": f.share,
+                    "load_s": f.load_s,
+                    "warmup_s": f.warmup_s,
+                }
+                for f in cost.folders
+            ],
+            "window_s": cost.window_s,
+            "wall_s": cost.wall_s,
+            "measured_share": cost.share,
+            "load_s": cost.load_s,
+            "warmup_s": cost.warmup_s,
+        },
+        "warnings": sweep.warnings,
+    }
+
+
+def csv_rows(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
+    """sweep.csv: one row per point x tenant x metric (the axes as columns, then tenant, metric,
+    n_trials, mean, std, ci_low, ci_high); n_trials counts the trials where the metric is defined."""
+    header = [*sweep.axes, "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high"]
+    rows: list[list[Any]] = []
+    for p in sweep.points:
+        for tenant, metric in sweep.rows:
+            if tenant != RUN_LEVEL and tenant not in p.tenants:
+                continue
+            e = p.get(tenant, metric)
+            rows.append([*p.values, tenant, metric, e.n, e.mean, e.std, e.ci_low, e.ci_high])
+    return header, rows

@@ -1,0 +1,288 @@
+"""A sweep's outputs: sweep.csv, sweep.json, the terminal summary (best point last), the
+summary.md section and report.html's "Sweep" section. The numbers come from ``sweep``."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from multitenant.analysis.plots import Plot
+from multitenant.analysis.report import Table, _clean, _html_table, _img, _md_table, aggregate_label, fmt
+from multitenant.analysis.sweep import (
+    CONFIDENCE,
+    OBJECTIVE_METRIC,
+    RUN_LEVEL,
+    Choice,
+    Estimate,
+    Sweep,
+    csv_rows,
+    short_key,
+    single_trial_note,
+    sweep_dict,
+)
+
+CI_NOTE = (
+    f"± is the half-width of the {int(CONFIDENCE * 100)} % Student-t interval over trials "
+    "(mean ± t(0.975, n-1)·s/√n); a point with one trial has no interval (n=1)"
+)
+TERMINAL_CI_NOTE = (
+    f"±: half-width of the {int(CONFIDENCE * 100)} % Student-t CI over trials (t(0.975, n-1)·s/√n); "
+    "¹: one trial, no CI"
+)
+
+
+def write_sweep_csv(sweep: Sweep, path: Path) -> Path:
+    import pandas as pd
+
+    header, rows = csv_rows(sweep)
+    pd.DataFrame(rows, columns=header).to_csv(path, index=False, float_format="%.10g")
+    return path
+
+
+def write_sweep_json(sweep: Sweep, path: Path) -> Path:
+    path.write_bytes(orjson.dumps(_clean(sweep_dict(sweep)), option=orjson.OPT_INDENT_2) + b"\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Text shared by the terminal, summary.md and report.html
+
+
+def cell(e: Estimate, digits: int = 1, percent: bool = False, compact: bool = False) -> str:
+    """``mean ± half-width``; ``mean (n=1)`` without an interval; ``–`` without a value.
+    ``percent``: a fraction shown in %; ``compact`` (the terminal): no spaces, no unit."""
+    if e.mean is None:
+        return "–"
+    scale = 100.0 if percent else 1.0
+    unit = " %" if percent and not compact else ""
+    text = fmt(e.mean * scale, digits)
+    if e.half_width is None:
+        return f"{text}{unit}" + (" (n=1)" if not compact else "¹")
+    pm = "±" if compact else " ± "
+    return f"{text}{pm}{fmt(e.half_width * scale, digits)}{unit}"
+
+
+def _throughput_label(sweep: Sweep) -> str:
+    counted = [sr.rm for sr in sweep.runs if sr.excluded is None] or [sr.rm for sr in sweep.runs]
+    return f"{aggregate_label(counted[0])} tok/s" if counted else "aggregate tok/s"
+
+
+def sweep_table(sweep: Sweep, compact: bool = False) -> Table:
+    """One row per point: axes, trials, aggregate throughput, STP, fairness, and per tenant its
+    throughput and (with an SLO) attainment, else its TTFT p99; whether it is feasible and on
+    the NP Pareto front. ``compact`` (the terminal): short cells, no fairness or Pareto column."""
+    has_np = any(m == "stp" for _, m in sweep.rows)
+    pareto = not compact and any(p.pareto is not None for p in sweep.points)
+    header = [short_key(k) for k in sweep.axes] + ["n" if compact else "trials", _throughput_label(sweep)]
+    if has_np:
+        header += ["STP"] + ([] if compact else ["fairness"])
+    for t in sweep.tenants:
+        header.append(f"{t} tok/s")
+        if sweep.slo is not None:
+            header.append(f"{t} SLO %" if compact else f"{t} SLO met")
+        elif not compact:
+            header.append(f"{t} TTFT p99 (ms)")
+    if sweep.slo is not None:
+        header.append("ok" if compact else "feasible")
+    if pareto:
+        header.append("Pareto (NP)")
+    rows: list[list[str]] = []
+    for p in sweep.points:
+        row = ["default" if v is None else v for v in p.values]
+        row += [str(p.n_trials), cell(p.get(RUN_LEVEL, "gpu_throughput_tok_s"), compact=compact)]
+        if has_np:
+            row.append(cell(p.get(RUN_LEVEL, "stp"), 3 if not compact else 2, compact=compact))
+            if not compact:
+                row.append(cell(p.get(RUN_LEVEL, "fairness"), 3))
+        for t in sweep.tenants:
+            row.append(cell(p.get(t, "throughput_tok_s"), compact=compact))
+            if sweep.slo is not None:
+                row.append(cell(p.get(t, "slo_attainment"), 1, percent=True, compact=compact))
+            elif not compact:
+                row.append(cell(p.get(t, "ttft_p99_ms")))
+        if sweep.slo is not None:
+            row.append("yes" if p.feasible else "no")
+        if pareto:
+            row.append("★" if p.pareto else ("" if p.pareto is False else "–"))
+        rows.append(row)
+    return Table("Sweep points (mean ± 95 % CI over trials)", header, rows)
+
+
+def _slo_text(sweep: Sweep) -> str:
+    bounds = ", ".join(f"{k} ≤ {v:g} ms" for k, v in (sweep.slo or {}).items())
+    return f"SLO {bounds}, every tenant ≥ {100 * sweep.target:g} %"
+
+
+def _choice_text(sweep: Sweep, c: Choice) -> str:
+    unit = "tok/s" if sweep.objective == "throughput" else "req/s"
+    attained = ", ".join(
+        f"{t} {cell(c.point.get(t, 'slo_attainment'), 1, percent=True)}" for t in c.point.tenants
+    )
+    text = (
+        f"{c.point.label(sweep.axes)} — aggregate {sweep.objective} {cell(c.objective)} {unit}; attainment {attained}"
+        f" ({c.point.n_trials} trial{'s' if c.point.n_trials != 1 else ''})"
+    )
+    if c.feasible and c.holds_at_ci_low is False:
+        text += "; some tenant's CI reaches below the target"
+    return text
+
+
+def best_lines(sweep: Sweep) -> list[str]:
+    """The answer: the best feasible point, or the closest one (empty without an SLO)."""
+    if sweep.slo is None:
+        return []
+    if sweep.best is not None:
+        return [f"best point ({_slo_text(sweep)}; by aggregate {sweep.objective}): {_choice_text(sweep, sweep.best)}"]
+    lines = [f"no point is feasible ({_slo_text(sweep)})"]
+    c = sweep.closest
+    if c is not None:
+        lines.append(
+            f"closest (highest lowest-tenant attainment: {c.worst_tenant} "
+            f"{100 * (c.min_attainment or 0.0):.1f} %): {_choice_text(sweep, c)}"
+        )
+    else:
+        lines.append("no point has an SLO attainment for every tenant, so none comes closest")
+    return lines
+
+
+def rate_lines(sweep: Sweep) -> list[str]:
+    """Each tenant's highest swept rate that still meets the target, per rate axis."""
+    lines = []
+    for r in sweep.rate_limits:
+        fixed = ", ".join(f"{short_key(k)}={v}" for k, v in r.fixed.items())
+        where = f" at {fixed}" if fixed else ""
+        if r.max_rate is None:
+            limit = (
+                f"misses {100 * sweep.target:g} % already at {r.rates[0]:g} req/s"
+                if r.rates
+                else "no rate"
+            )
+        else:
+            limit = f"meets {100 * sweep.target:g} % up to {r.max_rate:g} req/s"
+            if r.max_rate == r.rates[-1]:
+                limit += " (the highest swept rate)"
+        lines.append(f"rate sweep {short_key(r.key)}{where}: tenant {r.tenant} {limit}")
+    return lines
+
+
+def cost_lines(sweep: Sweep) -> list[str]:
+    """Measured share of wall time per folder (and pooled), mean load and warm-up per tenant."""
+    cost = sweep.cost
+    lines = []
+
+    def per_tenant(values: dict[str, float]) -> str:
+        return ", ".join(f"{t} {v:.1f} s" for t, v in values.items()) or "–"
+
+    several = len(cost.folders) > 1
+    for f in cost.folders:
+        share = "–" if f.share is None else f"{f.share:.2f}"
+        wall = "–" if f.wall_s is None else f"{f.wall_s:.1f} s"
+        clock = "" if f.clock != "wall" else f"; {len(f.hosts)} hosts: wall clock"
+        name = f" {f.folder.name}" if several else ""
+        lines.append(
+            f"measured share of wall time{name}: {share} (Σ windows {f.window_s:.1f} s / sweep wall time {wall}, "
+            f"{f.runs} run(s){clock}); mean load {per_tenant(f.load_s)}; mean warm-up {per_tenant(f.warmup_s)}"
+        )
+    if several:
+        share = "–" if cost.share is None else f"{cost.share:.2f}"
+        lines.append(
+            f"pooled over {len(cost.folders)} folders (each timed on its own host's clock): {share} "
+            f"(Σ windows {cost.window_s:.1f} s / Σ folder wall times "
+            f"{'–' if cost.wall_s is None else f'{cost.wall_s:.1f} s'}); mean load {per_tenant(cost.load_s)}; "
+            f"mean warm-up {per_tenant(cost.warmup_s)}"
+        )
+    return lines
+
+
+def notes(sweep: Sweep) -> list[str]:
+    """Points without an interval, and what the axes are."""
+    out = []
+    single = [p.label(sweep.axes) for p in sweep.points if single_trial_note(p) is not None]
+    if single:
+        out.append(
+            f"{len(single)} point(s) without a confidence interval (fewer than 2 trials): {'; '.join(single)}"
+        )
+    if not sweep.axes:
+        out.append("no override differs between the runs: they are one point")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal, summary.md, report.html
+
+
+def print_sweep(sweep: Sweep, console: Any) -> None:
+    """The sweep table, notes, rate limits and wall-time share (the best point comes later,
+    from ``print_best``, as the very last lines)."""
+    from rich import box
+    from rich.table import Table as RichTable
+
+    table = sweep_table(sweep, compact=True)
+    axes = f"{len(sweep.axes)} axis(es): {', '.join(sweep.axes)}" if sweep.axes else "no axis"
+    rich = RichTable(
+        title=f"sweep · {len(sweep.points)} point(s) · {axes}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for i, name in enumerate(table.header):
+        rich.add_column(name, justify="left" if i < len(sweep.axes) else "right")
+    for row in table.rows:
+        rich.add_row(*row)
+    console.print(rich)
+    console.print(f"  {TERMINAL_CI_NOTE}", markup=False, highlight=False, soft_wrap=True)
+    for line in notes(sweep) + rate_lines(sweep) + cost_lines(sweep):
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    for message in sweep.warnings:
+        console.print(f"  warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def print_best(sweep: Sweep, console: Any) -> None:
+    for i, line in enumerate(best_lines(sweep)):
+        style = "bold green" if sweep.best is not None else ("bold red" if i == 0 else "yellow")
+        console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def markdown(sweep: Sweep) -> str:
+    parts = ["## Sweep", "", f"- axes: {', '.join(f'`{k}`' for k in sweep.axes) or 'none'}", f"- {CI_NOTE}"]
+    parts += [f"- {line}" for line in notes(sweep) + rate_lines(sweep) + cost_lines(sweep)]
+    parts += ["", _md_table(sweep_table(sweep)), ""]
+    if lines := best_lines(sweep):
+        parts += [f"**{lines[0]}**", *lines[1:], ""]
+    if sweep.warnings:
+        parts += ["### Sweep warnings", ""] + [f"- {w}" for w in sweep.warnings] + [""]
+    return "\n".join(parts) + "\n"
+
+
+def html_section(sweep: Sweep, plots: Sequence[Plot]) -> str:
+    esc = html.escape
+    out = ["<h2>Sweep</h2>"]
+    if lines := best_lines(sweep):
+        style = "best" if sweep.best is not None else "banner"
+        out.append(f'<p class="{style}">{esc(lines[0])}</p>' + "".join(f"<p>{esc(x)}</p>" for x in lines[1:]))
+    facts = [
+        f"axes: {', '.join(sweep.axes) or 'none'}",
+        CI_NOTE,
+        *notes(sweep),
+        *rate_lines(sweep),
+        *cost_lines(sweep),
+    ]
+    out.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in facts) + "</ul>")
+    out.append(_html_table(sweep_table(sweep)))
+    if sweep.slo is not None:
+        out.append(
+            f"<p>Objective: mean <code>{esc(OBJECTIVE_METRIC[sweep.objective])}</code>; "
+            "every number per point and metric is in sweep.csv and sweep.json.</p>"
+        )
+    if sweep.warnings:
+        out.append(
+            "<h3>Sweep warnings</h3><ul>"
+            + "".join(f'<li class="warn">{esc(w)}</li>' for w in sweep.warnings)
+            + "</ul>"
+        )
+    out += [_img(p) for p in plots]
+    return "\n".join(out)

@@ -3,7 +3,10 @@
 Stages, one module each, data flowing one way:
 ``load`` (folders -> columns) -> ``metrics`` (DESIGN.md's definitions) ->
 ``report`` (summary.json, requests.csv, summary.md, terminal, report.html), ``plots``
-(matplotlib, Agg) and ``trace`` (Chrome/Perfetto trace.json); ``cli`` wires them together.
+(matplotlib, Agg) and ``trace`` (Chrome/Perfetto trace.json); several runs also go through
+``sweep`` (points, means and confidence intervals over trials, the best point under an SLO) to
+``sweep_report`` (sweep.csv, sweep.json, terminal, report section) and ``sweep_plots``;
+``cli`` wires them together.
 
 Nothing here imports torch: analysis runs on a laptop long after the GPU is gone.
 """

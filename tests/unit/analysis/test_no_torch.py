@@ -11,7 +11,7 @@ HAND = Path(__file__).resolve().parents[2] / "data" / "analysis" / "hand"
 PROBE = """
 import sys
 import multitenant.analysis
-from multitenant.analysis import cli, load, metrics, plots, report, trace
+from multitenant.analysis import cli, load, metrics, plots, report, sweep, sweep_plots, sweep_report, trace
 from multitenant.analysis.load import load_run
 from multitenant.analysis.metrics import compute_run
 rm = compute_run(load_run(sys.argv[1]))

@@ -1,12 +1,14 @@
 """``mt-analyze``: experiment folders -> metrics, tables, plots, a report and (optionally) a trace.
 
     mt-analyze PATH [PATH ...] [--baseline PATH ...] [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
-               [--format png|svg|pdf] [--trace]
+               [--slo-target 0.9] [--objective throughput|goodput] [--format png|svg|pdf] [--trace]
 
 PATH is a run folder, a sweep folder, or any folder that contains run folders (found by their
 manifest.json). Solo baselines come from ``--baseline`` first, then from the PATHs themselves,
-then from runs found beside each run (``find_beside``). Exit codes: 0 done, 2 bad input
-(not an experiment, unknown schema, unparsable SLO), 1 an unexpected failure.
+then from runs found beside each run (``find_beside``). Several runs (a sweep, or several sweep
+folders, which merge into one sweep) also get the sweep outputs of ``sweep`` and
+``sweep_report``. Exit codes: 0 done, 2 bad input (not an experiment, unknown schema,
+unparsable SLO or SLO target), 1 an unexpected failure.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from multitenant.analysis.metrics import (
     newest_first,
     parse_slo,
 )
+from multitenant.analysis.sweep import OBJECTIVES, build_sweep, is_sweep
 
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024  # show a progress bar when the logs are at least this big
+DEFAULT_SLO_TARGET = 0.9
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", nargs="+", default=[], metavar="PATH", help="solo runs to normalise against")
     p.add_argument("--out", metavar="DIR", help="output folder (default: plots/<run or sweep name>)")
     p.add_argument("--slo", metavar="SPEC", help="SLO bounds, e.g. ttft=200ms,tpot=50ms,e2e=10s")
+    p.add_argument(
+        "--slo-target", type=float, metavar="Q",
+        help=f"sweeps: a point is feasible when every tenant's mean SLO attainment is >= Q (default {DEFAULT_SLO_TARGET})",
+    )  # fmt: skip
+    p.add_argument(
+        "--objective", choices=OBJECTIVES, default="throughput",
+        help="sweeps: rank feasible points by mean aggregate throughput (default) or aggregate goodput",
+    )  # fmt: skip
     p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="plot file format")
     p.add_argument("--trace", action="store_true", help="also write trace.json (open in ui.perfetto.dev)")
     return p
@@ -120,6 +132,7 @@ def analyse(args: argparse.Namespace) -> int:
     # Piped into a log, an 80-column default would fold the table: use 120 there.
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     slo = parse_slo(args.slo) if args.slo else None
+    target = check_sweep_options(args, slo)
     run_dirs: list[Path] = []
     for path in args.paths:
         for d in find_run_dirs(path):
@@ -182,8 +195,23 @@ def analyse(args: argparse.Namespace) -> int:
         apply_baselines(rm, solos)
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
-    write_outputs(rms, out, args.format, args.trace, console)
+    write_outputs(rms, out, args.format, args.trace, console, target=target, objective=args.objective)
     return 0
+
+
+def check_sweep_options(args: argparse.Namespace, slo: dict[str, float] | None) -> float:
+    """The SLO target (a fraction in (0, 1]); SloError (exit 2) for a bad one or a sweep option
+    that needs ``--slo`` without it."""
+    if args.slo_target is not None:
+        q = args.slo_target
+        if not 0 < q <= 1:
+            hint = f"; write {q:g} % as {q / 100:g}" if 1 < q <= 100 else ""
+            raise SloError(f"--slo-target {q:g} is not a fraction in (0, 1]{hint}, e.g. --slo-target 0.9")
+        if slo is None:
+            raise SloError("--slo-target needs --slo (the bounds it is a target for), e.g. --slo ttft=200ms")
+    if args.objective == "goodput" and slo is None:
+        raise SloError("--objective goodput needs --slo (goodput counts requests that meet it), e.g. --slo ttft=200ms")
+    return DEFAULT_SLO_TARGET if args.slo_target is None else float(args.slo_target)
 
 
 def _load_with_progress(run_dirs: list[Path], total: int, console: object) -> list[RunData]:
@@ -206,9 +234,18 @@ def _load_with_progress(run_dirs: list[Path], total: int, console: object) -> li
         return load_runs(run_dirs, progress=advance)
 
 
-def write_outputs(rms: list[RunMetrics], out: Path, fmt: str, trace: bool, console: object) -> dict[str, Path]:
-    """Every output file; returns them by name."""
-    from multitenant.analysis import plots, report
+def write_outputs(
+    rms: list[RunMetrics],
+    out: Path,
+    fmt: str,
+    trace: bool,
+    console: object,
+    target: float = DEFAULT_SLO_TARGET,
+    objective: str = "throughput",
+) -> dict[str, Path]:
+    """Every output file; returns them by name. Several runs (``sweep.is_sweep``) also get
+    sweep.csv, sweep.json, the sweep plots and sections, and the best point as the last lines."""
+    from multitenant.analysis import plots, report, sweep_plots, sweep_report
     from multitenant.analysis.trace import write_trace
 
     out.mkdir(parents=True, exist_ok=True)
@@ -220,8 +257,15 @@ def write_outputs(rms: list[RunMetrics], out: Path, fmt: str, trace: bool, conso
         "summary.json": report.write_summary_json(rms, out / "summary.json"),
         "requests.csv": report.write_requests_csv(rms, out / "requests.csv"),
     }
+    sweep = build_sweep(rms, labels_by_dir, target, objective) if is_sweep(rms) else None
+    md_text = report.markdown(rms, labels)
+    if sweep is not None:
+        written["sweep.csv"] = sweep_report.write_sweep_csv(sweep, out / "sweep.csv")
+        written["sweep.json"] = sweep_report.write_sweep_json(sweep, out / "sweep.json")
+        title, _, rest = md_text.partition("\n")
+        md_text = f"{title}\n\n{sweep_report.markdown(sweep)}{rest}"
     md = out / "summary.md"
-    md.write_text(report.markdown(rms, labels), encoding="utf-8")
+    md.write_text(md_text, encoding="utf-8")
     written["summary.md"] = md
     report.print_terminal(rms, labels, console)
     run_plots: dict[int, list[plots.Plot]] = {}
@@ -231,8 +275,19 @@ def write_outputs(rms: list[RunMetrics], out: Path, fmt: str, trace: bool, conso
         if trace:
             written[f"trace:{labels[id(rm)]}"] = write_trace(rm, run_out / "trace.json")
     across = plots.plot_across(rms, labels, out, fmt, colors)
-    written["report.html"] = report.write_html(rms, labels, run_plots, across, colors, out / "report.html")
-    print(f"mt-analyze: {len(rms)} run(s) -> {out}/ (report.html, summary.json, summary.md, requests.csv)", file=sys.stderr)
+    sweep_html = ""
+    if sweep is not None:
+        figures = sweep_plots.plot_sweep(sweep, out, fmt, colors)
+        written.update({f"plot:{p.name}": p.path for p in figures})
+        sweep_html = sweep_report.html_section(sweep, figures)
+        sweep_report.print_sweep(sweep, console)
+    written["report.html"] = report.write_html(
+        rms, labels, run_plots, across, colors, out / "report.html", sweep_html=sweep_html
+    )
+    files = "report.html, summary.json, summary.md, requests.csv" + (", sweep.csv, sweep.json" if sweep else "")
+    print(f"mt-analyze: {len(rms)} run(s) -> {out}/ ({files})", file=sys.stderr)
+    if sweep is not None:
+        sweep_report.print_best(sweep, console)  # the answer comes last
     return written
 
 

@@ -4,8 +4,10 @@ table and report.html.
 ``summary.json`` has the shape of issue #4 (other tools read it); beyond it each run carries
 ``name``, ``gpu``, ``window_s``, ``warnings``, ``missing_baselines`` and ``baselines``, and each
 tenant ``task``, ``throughput_unit``, ``completed``, ``cancelled`` and ``incomplete`` (every request
-is counted somewhere: requests = completed + errors + cancelled + incomplete) and ``ttft_split``
-(null unless the tenant logged engine timestamps). Numbers are plain JSON numbers (full float
+is counted somewhere: requests = completed + errors + cancelled + incomplete), ``ttft_split``
+(null unless the tenant logged engine timestamps), and ``np_definition`` (``throughput`` or, for
+an open-loop tenant, ``e2e``) with ``solo_e2e_mean_ms`` and ``colocated_e2e_mean_ms``, the two
+means an ``e2e`` NP divides (null otherwise). Numbers are plain JSON numbers (full float
 precision), undefined ones null, never NaN.
 """
 
@@ -25,6 +27,7 @@ import orjson
 from multitenant.analysis.load import NO_TIME
 from multitenant.analysis.metrics import (
     LATENCY_METRICS,
+    NP_E2E,
     SLOWDOWN_KEYS,
     STAT_KEYS,
     TTFT_SPLIT,
@@ -79,6 +82,9 @@ def run_summary(rm: RunMetrics) -> dict[str, Any]:
                 "cancelled": tm.cancelled,
                 "incomplete": tm.incomplete,
                 "solo_throughput": tm.solo_throughput,
+                "np_definition": tm.np_definition,
+                "solo_e2e_mean_ms": tm.solo_e2e_mean_ms,
+                "colocated_e2e_mean_ms": tm.colocated_e2e_mean_ms,
                 "baseline_run_dir": tm.baseline_run_dir,
                 "ttft_split": tm.ttft_split,
             }
@@ -205,7 +211,7 @@ def run_tables(rm: RunMetrics) -> list[Table]:
     for name, tm in rm.tenants.items():
         row = [
             name, str(tm.requests), str(tm.completed), str(tm.errors), str(tm.cancelled), str(tm.incomplete),
-            f"{fmt(tm.throughput)} {tm.throughput_unit}", fmt(tm.np, 3),
+            f"{fmt(tm.throughput)} {tm.throughput_unit}", np_cell(tm, 3),
             fmt(tm.latency["ttft"]["p50"]), fmt(tm.latency["ttft"]["p99"]),
             fmt(tm.latency["tpot"]["p50"]), fmt(tm.latency["tpot"]["p99"]),
             fmt(tm.latency["itl"]["p50"]), fmt(tm.latency["e2e"]["p50"]),
@@ -221,12 +227,13 @@ def run_tables(rm: RunMetrics) -> list[Table]:
             if all(v is None for v in stats.values()):
                 continue
             latency.rows.append([name, metric, *(fmt(stats[k]) for k in STAT_KEYS)])
-    slowdown = Table("Slowdown vs solo (×)", ["tenant", "baseline", *(k for k, _, _ in SLOWDOWN_KEYS)], [])
+    slowdown = Table("Slowdown vs solo (×)", ["tenant", "baseline", "NP from", *(k for k, _, _ in SLOWDOWN_KEYS)], [])
     for name, tm in rm.tenants.items():
         if tm.slowdown is not None:
             slowdown.rows.append(
-                [name, "/".join(Path(tm.baseline_run_dir or "").parts[-2:]), *(fmt(tm.slowdown[k], 3) for k, _, _ in SLOWDOWN_KEYS)]
-            )
+                [name, "/".join(Path(tm.baseline_run_dir or "").parts[-2:]), np_basis(tm),
+                 *(fmt(tm.slowdown[k], 3) for k, _, _ in SLOWDOWN_KEYS)]
+            )  # fmt: skip
     window = "–"
     if rm.window_ns is not None and rm.window_s is not None:
         window = f"{rm.window_s:.3f} s [{rm.window_ns[0]}, {rm.window_ns[1]}] ns"
@@ -251,6 +258,18 @@ def run_tables(rm: RunMetrics) -> list[Table]:
         tables.append(slowdown)
     tables.append(aggregate)
     return tables
+
+
+def np_cell(tm: TenantMetrics, digits: int) -> str:
+    """NP as the tables show it: an open-loop tenant's (mean E2E solo / co-located) marked "E2E"."""
+    return fmt(tm.np, digits) + (" E2E" if tm.np_definition == NP_E2E and tm.np is not None else "")
+
+
+def np_basis(tm: TenantMetrics) -> str:
+    """What the tenant's NP divides: the throughputs, or (open loop) the two mean E2Es."""
+    if tm.np_definition != NP_E2E:
+        return "throughput"
+    return f"mean E2E {fmt(tm.solo_e2e_mean_ms)} ms solo / {fmt(tm.colocated_e2e_mean_ms)} ms co-located"
 
 
 SPLIT_LABELS = {"frontend_in": "front end in", "engine_queue": "engine queue", "prefill": "prefill",
@@ -379,7 +398,7 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
             lat = tm.latency
             row = [
                 name, str(tm.requests), str(tm.errors), str(tm.cancelled),
-                fmt(tm.throughput, 1) + ("" if len(units) == 1 else f" {tm.throughput_unit}"), fmt(tm.np, 2),
+                fmt(tm.throughput, 1) + ("" if len(units) == 1 else f" {tm.throughput_unit}"), np_cell(tm, 2),
                 f"{fmt(lat['ttft']['p50'], 1)}/{fmt(lat['ttft']['p99'], 1)}",
                 f"{fmt(lat['tpot']['p50'], 1)}/{fmt(lat['tpot']['p99'], 1)}",
                 fmt(lat["e2e"]["p50"], 1),
@@ -395,6 +414,14 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
             f" · fairness {fmt(rm.fairness, 3)} · Jain {fmt(rm.jain, 3)}",
             highlight=False,
         )
+        for name, tm in rm.tenants.items():
+            if tm.np_definition == NP_E2E and tm.baseline_run_dir is not None:
+                console.print(
+                    f"  NP {name} = mean E2E solo / co-located: {fmt(tm.solo_e2e_mean_ms)} / {fmt(tm.colocated_e2e_mean_ms)} ms"
+                    " (open-loop tenant)",
+                    markup=False,
+                    highlight=False,
+                )
         for name, tm in rm.tenants.items():
             if tm.ttft_split is not None:
                 parts = " · ".join(f"{SPLIT_LABELS[n]} {_split_cell(tm, n)}" for n in TTFT_SPLIT)
@@ -417,6 +444,7 @@ table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
 th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f2f2f2}td{white-space:nowrap}
 td:first-child,th:first-child{text-align:left}
 .banner{background:#b00020;color:#fff;padding:.6rem 1rem;border-radius:4px;font-weight:600}
+.best{background:#1b5e20;color:#fff;padding:.6rem 1rem;border-radius:4px;font-weight:600}
 .warn{color:#8a5300}.missing{color:#8a5300}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
 .swatch{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;margin-right:.3rem;vertical-align:middle}
@@ -452,13 +480,17 @@ def write_html(
     across: list[Plot],
     colors: dict[str, str],
     path: Path,
+    sweep_html: str = "",
 ) -> Path:
-    """One self-contained page: every image is a data: URI, no external resource at all."""
+    """One self-contained page: every image is a data: URI, no external resource at all.
+    ``sweep_html`` (``sweep_report.html_section``) opens the page when the runs are a sweep."""
     esc = html.escape
     title = "mt-analyze report — " + (rms[0].run.run_id if len(rms) == 1 else f"{len(rms)} runs")
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]  # fmt: skip
-    # A sweep opens with the comparison across its runs; a single run with its own setup.
+    # A sweep opens with its points and the comparison across its runs; a single run with its own setup.
+    if sweep_html:
+        out.append(sweep_html)
     if across and len(rms) > 1:
         out.append("<h2>Across runs</h2>")
         out += [_img(p) for p in across]

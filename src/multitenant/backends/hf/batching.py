@@ -33,6 +33,20 @@ def batch_buckets(max_batch: int) -> list[int]:
     return out
 
 
+def window_buckets(max_batch: int, arrival_kind: str, concurrency: int) -> list[int]:
+    """The buckets a tenant's workload can use, so warm-up compiles and captures only those.
+
+    A closed loop with at least ``max_batch`` requests in flight refills the batch as soon as
+    it ends, so every batch is full: one graph of ``max_batch`` (a last, partial batch cut by
+    ``num_requests`` runs in it with padding rows). Any other workload gets every bucket of
+    ``batch_buckets``. Each bucket is one Inductor compile and one capture: seconds even with
+    a warm cache, tens of seconds without one.
+    """
+    if arrival_kind == "closed" and concurrency >= max_batch:
+        return [max_batch]
+    return batch_buckets(max_batch)
+
+
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket that holds a batch of ``n`` requests."""
     for b in sorted(buckets):

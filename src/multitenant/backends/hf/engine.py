@@ -55,6 +55,7 @@ from multitenant.backends.hf.batching import (
     normalize_buckets,
     receivers,
     right_pad,
+    window_buckets,
 )
 from multitenant.backends.hf.graphs import (
     DEFAULT_GRAPH_IMPL,
@@ -92,6 +93,9 @@ class HFEngine:
             max_batch=t["max_batch"],
             max_input_len=spec["max_input_len"],
             max_output_len=spec["max_output_len"],
+            batch_buckets=window_buckets(
+                t["max_batch"], t["workload"]["arrival"]["kind"], t["workload"]["arrival"]["concurrency"]
+            ),
         )
 
     def __init__(

@@ -16,6 +16,7 @@ from multitenant.backends.hf.batching import (
     normalize_buckets,
     receivers,
     right_pad,
+    window_buckets,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -33,6 +34,16 @@ def test_batch_buckets(max_batch, expected):
 def test_batch_buckets_rejects_zero():
     with pytest.raises(ValueError):
         batch_buckets(0)
+
+
+def test_window_buckets_full_closed_loop_needs_only_the_full_batch():
+    # concurrency >= max_batch: every batch is full, so warm-up compiles one graph, not four
+    assert window_buckets(8, "closed", 8) == [8]
+    assert window_buckets(8, "closed", 16) == [8]
+    # fewer in flight than the batch, or open-loop arrivals: partial batches of any size
+    assert window_buckets(8, "closed", 3) == [1, 2, 4, 8]
+    assert window_buckets(8, "poisson", 8) == [1, 2, 4, 8]
+    assert window_buckets(1, "closed", 1) == [1]
 
 
 def test_bucket_for_picks_smallest_that_fits():

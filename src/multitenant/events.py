@@ -10,6 +10,12 @@ buffer is large (``emit`` wakes it) or the last flush is older than ``flush_inte
 the serving loop never waits for the disk. ``close`` flushes and fsyncs. A process killed with SIGKILL therefore leaves every line it
 flushed, and at worst loses the last ``flush_interval_s`` of events, never half a line of an
 earlier flush (``os.write`` of one buffer to a regular file is not interleaved with ours).
+
+A write that fails (a full disk, a removed folder) ends the log: the error is kept, the
+flusher stops, and the next ``emit`` raises it as ``EventLogError``, so the tenant fails at
+once with the cause instead of serving on while nothing reaches the file (the flusher thread
+used to die silently and the buffer grew until the tenant exited). Lines written before the
+failure stay readable.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from typing import Any
 import orjson
 
 # Event kinds, statuses and the schema version live in multitenant.schema (shared with analysis).
+
+
+class EventLogError(OSError):
+    """Writing the events file failed; the log ends at the lines written before."""
 
 
 class EventWriter:
@@ -51,6 +61,7 @@ class EventWriter:
         self._last_flush_ns = time.monotonic_ns()
         self._closed = False
         self.lines_written = 0
+        self.error: EventLogError | None = None  # the write that ended the log, if one failed
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by emit when a flush is due
         self._thread: threading.Thread | None = None
@@ -59,7 +70,10 @@ class EventWriter:
             self._thread.start()
 
     def emit(self, ev: str, t: int | None = None, **fields: Any) -> int:
-        """Append one event; returns its ``t`` (now, unless given). Fields keep their order."""
+        """Append one event; returns its ``t`` (now, unless given). Fields keep their order.
+        Raises ``EventLogError`` once a write of the file has failed."""
+        if self.error is not None:
+            raise self.error
         if t is None:
             t = time.monotonic_ns()
         record: dict[str, Any] = {"t": t, "ev": ev}
@@ -76,8 +90,11 @@ class EventWriter:
         return t
 
     def flush(self) -> None:
-        """Write every buffered line, whole, in one system call."""
+        """Write every buffered line, whole, in one system call. Raises ``EventLogError`` if
+        the write fails (then and on every later call)."""
         with self._lock:
+            if self.error is not None:
+                raise self.error
             if not self._lines or self._closed:
                 self._last_flush_ns = time.monotonic_ns()
                 return
@@ -85,10 +102,24 @@ class EventWriter:
             self._lines = []
             self._last_flush_ns = time.monotonic_ns()
             view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            try:
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+            except OSError as e:
+                written = data[: len(data) - len(view)].count(b"\n")
+                unwritten = data.count(b"\n") - written
+                self.lines_written += written
+                self.error = EventLogError(
+                    e.errno,
+                    f"writing {self.path} failed after {self.lines_written} lines ({unwritten} not written): {e.strerror}",
+                )
+                raise self.error from e
             self.lines_written += data.count(b"\n")
+
+    def fileno(self) -> int:
+        """The events file's descriptor (fault injection points it elsewhere: tests/faults)."""
+        return self._fd
 
     def _flush_loop(self) -> None:
         interval = self._flush_interval_ns / 1e9
@@ -96,22 +127,30 @@ class EventWriter:
             woken = self._wake.wait(interval / 2)
             self._wake.clear()
             if woken or time.monotonic_ns() - self._last_flush_ns >= self._flush_interval_ns:
-                self.flush()
+                try:
+                    self.flush()
+                except EventLogError:
+                    return  # kept in self.error: the tenant's next emit raises it
 
     def close(self, fsync: bool = True) -> None:
-        """Flush, fsync (so the log survives a host crash too) and close. Idempotent."""
+        """Flush, fsync (so the log survives a host crash too) and close. Idempotent. The file
+        is closed even when a write fails; the failure is raised (``EventLogError``)."""
         if self._closed:
             return
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.flush()
-        with self._lock:
-            if fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._closed = True
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                try:
+                    if fsync and self.error is None:
+                        os.fsync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._closed = True
 
     def __enter__(self) -> EventWriter:
         return self

@@ -2,14 +2,21 @@
 
 On a terminal this is a rich Live table refreshed a few times a second; elsewhere (CI, a
 cluster job's log) one plain line every ``log_every_s`` seconds, so logs stay readable.
+
+While the table is live, log records bound for the terminal go through its console, which
+prints them above the table: written straight to the terminal (Hydra's log handler holds
+the stream it was given at start), a line landed inside the table, the next redraw moved up
+and erased from the wrong place, and truncated copies of old tables stayed on screen.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.table import Table
 
@@ -18,24 +25,48 @@ if TYPE_CHECKING:
 
 
 class LiveProgress:
-    def __init__(self, title: str, enabled: bool = True, log_every_s: float = 5.0) -> None:
-        self.console = Console(stderr=True)
+    def __init__(self, title: str, enabled: bool = True, log_every_s: float = 5.0, console: Console | None = None) -> None:
+        self.console = console if console is not None else Console(stderr=True)
         self.title = title
         self.enabled = enabled
         self.interactive = enabled and self.console.is_terminal
         self.log_every_s = log_every_s
         self._live: Live | None = None
         self._last_log = 0.0
+        self._rerouted: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
 
     def __enter__(self) -> LiveProgress:
         if self.interactive:
             self._live = Live(Table(), console=self.console, refresh_per_second=4, transient=False)
             self._live.__enter__()
+            self._route_terminal_logs()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._live is not None:
+            for handler, stream in self._rerouted:
+                handler.setStream(stream)
+            self._rerouted.clear()
             self._live.__exit__(*exc)
+
+    def _route_terminal_logs(self) -> None:
+        """Point every log handler that writes to a terminal at the live console (above the
+        table) until the table ends; handlers writing to files or pipes are left alone."""
+        loggers = [logging.getLogger()] + [
+            lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+        ]
+        for lg in loggers:
+            for handler in lg.handlers:
+                if not isinstance(handler, logging.StreamHandler) or isinstance(handler.stream, FileProxy):
+                    continue
+                stream = handler.stream
+                try:
+                    tty = bool(stream.isatty())
+                except (AttributeError, ValueError, OSError):
+                    tty = False
+                if tty:
+                    handler.setStream(FileProxy(self.console, stream))
+                    self._rerouted.append((handler, stream))
 
     def _rows(self, orch: Orchestrator) -> list[tuple[str, str, str, str, str]]:
         rows = []

@@ -13,6 +13,9 @@ Control channel (JSON lines over two pipes): tenant -> orchestrator ``ready``, `
 ``error``; orchestrator -> tenant ``window`` {t0, t1} and ``stop``. End-of-file on the command
 pipe means the orchestrator is gone: the tenant stops as on SIGTERM, so it never outlives it.
 
+``MT_FAULT`` (``faults.py``) injects a crash or a full disk for the fault-injection suite
+(``tests/faults/``); unset, as in every real run, nothing is injected.
+
 The serving loop (``RequestLoop``) is single-threaded and does no I/O: prompts are built
 before ``ready``, each event is serialised into the event writer's buffer (about a
 microsecond; the writer's own thread writes the file), and ``gc.freeze()`` after warm-up keeps
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import math
@@ -40,7 +44,8 @@ from typing import Any
 import psutil
 
 from multitenant.backends import Completion, Emission, Engine, EngineFailed, Iteration, make_engine
-from multitenant.events import EventWriter
+from multitenant.events import EventLogError, EventWriter
+from multitenant.faults import from_env as fault_from_env
 from multitenant.schema import (
     EV_DONE,
     EV_ITER,
@@ -328,6 +333,9 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         max_in, max_out = RequestSource(wl["dataset"], vocab_size=2**31).max_lengths()
         spec = {**spec, "max_input_len": max_in, "max_output_len": max_out}
         engine = make_engine(spec, Path(spec["events_path"]).parent)
+        fault = fault_from_env(spec["name"])  # None unless MT_FAULT names this tenant (tests/faults)
+        if fault is not None:
+            fault.load(writer)
         t_load = time.monotonic_ns()
         engine.load()
         load_s = (time.monotonic_ns() - t_load) / 1e9
@@ -365,6 +373,8 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         t0 = int(window["t0"])
         t1 = window.get("t1")
         writer.emit(EV_WINDOW, t0=t0, t1=t1)
+        if fault is not None:
+            fault.window(t0, writer)
         loop.counts = {k: 0 for k in loop.counts}  # run_end counts the measured phase only
         loop.serve(wl["arrival"], t0, t1, wl["num_requests"])
     except TenantStopped:
@@ -374,12 +384,7 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         _defer_stops()
         status, code = TENANT_ERROR, 1
         traceback.print_exc()
-        # The last stderr line is what the orchestrator quotes as the reason: make it the
-        # cause, on one line (library messages often span several).
-        cause = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
-        print(f"tenant {spec['name']} failed: {cause}", file=sys.stderr, flush=True)
-        if ctl is not None:
-            ctl.send("error", error=cause)
+        _report_failure(spec["name"], e, ctl)
     finally:
         _defer_stops()
         if engine is not None:
@@ -388,11 +393,28 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
             except Exception as e:  # closing must not hide the run's own outcome
                 print(f"tenant {spec['name']}: engine close failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         counts = loop.counts if loop is not None else {}
-        writer.emit(EV_RUN_END, status=status, counts=counts)
-        writer.close()
+        # A log that broke (full disk) takes no run_end; where it broke was reported, unless
+        # that was this last flush: then the run's record is incomplete and the tenant failed.
+        with contextlib.suppress(EventLogError):
+            writer.emit(EV_RUN_END, status=status, counts=counts)
+        try:
+            writer.close()
+        except EventLogError as e:
+            if code == 0:
+                status, code = TENANT_ERROR, 1
+                _report_failure(spec["name"], e, ctl)
         if ctl is not None:
             ctl.send("finished", status=status, counts=counts)
     return code
+
+
+def _report_failure(name: str, e: BaseException, ctl: ControlChannel | None) -> None:
+    # The last stderr line is what the orchestrator quotes as the reason: make it the
+    # cause, on one line (library messages often span several).
+    cause = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
+    print(f"tenant {name} failed: {cause}", file=sys.stderr, flush=True)
+    if ctl is not None:
+        ctl.send("error", error=cause)
 
 
 def _child_pids() -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,8 +11,9 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
-from multitenant.events import EventWriter, read_events
+from multitenant.events import EventLogError, EventWriter, read_events
 
 
 def test_lines_are_whole_json_in_order(tmp_path: Path) -> None:
@@ -74,3 +76,38 @@ def test_survives_sigkill_with_a_readable_prefix(tmp_path: Path) -> None:
     # Every byte up to the last newline is whole lines; nothing half-written in between.
     raw = p.read_bytes()
     assert raw.count(b"\n") == len(recs)
+
+
+def _full_disk(w: EventWriter) -> None:
+    """From now on every write of ``w``'s file fails with ENOSPC, as on a disk that filled up."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, w.fileno())
+    os.close(full)
+
+
+def test_a_failed_write_ends_the_log_and_the_next_emit_raises(tmp_path: Path) -> None:
+    p = tmp_path / "events.jsonl"
+    w = EventWriter(p, flush_interval_s=0.05)
+    w.emit("run_start", tenant="a")
+    w.flush()
+    _full_disk(w)
+    deadline = time.monotonic() + 5
+    # The background flusher hits ENOSPC; the serving loop learns it at its next emit (the
+    # flusher used to die silently while emit kept buffering until the tenant exited).
+    with pytest.raises(EventLogError, match=r"events\.jsonl failed after 1 lines .*No space left on device"):
+        while time.monotonic() < deadline:
+            w.emit("tok", rid=[1], n=[1])
+            time.sleep(0.01)
+    assert w.error is not None and w.error.errno == errno.ENOSPC
+    with pytest.raises(EventLogError):
+        w.close()  # closes the file all the same
+    assert w._closed
+    assert read_events(p) == [{"t": read_events(p)[0]["t"], "ev": "run_start", "tenant": "a"}], "the prefix stays readable"
+
+
+def test_a_failed_final_flush_is_raised_by_close(tmp_path: Path) -> None:
+    w = EventWriter(tmp_path / "events.jsonl", background_flush=False)
+    w.emit("run_start", tenant="a")
+    _full_disk(w)
+    with pytest.raises(EventLogError, match="No space left on device"):
+        w.close()

@@ -1,11 +1,18 @@
-"""Live progress values: never negative, never past the window, the real end state, seq/s."""
+"""Live progress values: never negative, never past the window, the real end state, seq/s; and
+a live table that log lines cannot corrupt."""
 
 from __future__ import annotations
 
+import io
+import logging
+import re
+import time
 from types import SimpleNamespace
 from typing import Any
 
-from multitenant.progress import rate_text, state_text, window_text
+from rich.console import Console
+
+from multitenant.progress import LiveProgress, rate_text, state_text, window_text
 
 S = 1_000_000_000
 
@@ -44,3 +51,73 @@ def test_state_says_how_a_tenant_ended() -> None:
     assert state_text("finished", "interrupted") == "interrupted"
     assert state_text("finished", "error") == "error"
     assert state_text("running", None) == "running"
+
+
+class Terminal(io.StringIO):
+    """What a terminal is sent (rich's console and a log handler both write here)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(raw: str, width: int) -> list[str]:
+    """The rows a terminal shows after ``raw``: the few controls rich's Live uses (carriage
+    return, newline, cursor up, erase line), auto-wrap at ``width``; colours are dropped."""
+    rows: list[list[str]] = [[]]
+    row = col = 0
+    i = 0
+    while i < len(raw):
+        if raw[i] == "\x1b":
+            m = re.match(r"\x1b\[\??(\d*)([A-Za-z])", raw[i:])
+            assert m, repr(raw[i : i + 10])
+            if m[2] == "A":
+                row = max(0, row - int(m[1] or 1))
+            elif m[2] == "K" and m[1] == "2":
+                rows[row] = []
+            i += len(m[0])
+            continue
+        ch = raw[i]
+        i += 1
+        if ch == "\r":
+            col = 0
+            continue
+        if ch == "\n" or col >= width:  # a tty turns \n into \r\n; a full row wraps
+            row, col = row + 1, 0
+            while len(rows) <= row:
+                rows.append([])
+            if ch == "\n":
+                continue
+        line = rows[row]
+        line.extend(" " * (col + 1 - len(line)))
+        line[col] = ch
+        col += 1
+    return ["".join(r).rstrip() for r in rows if "".join(r).strip()]
+
+
+def test_log_lines_during_the_live_table_leave_no_stale_lines() -> None:
+    term = Terminal()
+    console = Console(file=term, force_terminal=True, width=60, height=40, color_system=None)
+    handler = logging.StreamHandler(term)  # like Hydra's: it holds the stream it was given
+    log = logging.getLogger("test_progress_live")
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    a = SimpleNamespace(progress={}, cfg={"task": "generate", "workload": {}}, state="loading", final_status=None)
+    orch = SimpleNamespace(tenants={"a": a}, window=None)
+    try:
+        with LiveProgress("pair_tiny (cpu)", console=console) as live:
+            live.update(orch)
+            time.sleep(0.3)  # the table is on screen (it refreshes 4 times a second)
+            log.info("tenant a ready (load 0.4s, warm-up 0.1s) and a long tail to wrap the line ......")
+            a.state, orch.window = "running", (time.monotonic_ns() - S, time.monotonic_ns() + 5 * S)
+            live.update(orch)
+            time.sleep(0.3)  # a few refreshes of the live display
+    finally:
+        log.removeHandler(handler)
+    shown = screen(term.getvalue(), 60)
+    text = "\n".join(shown)
+    assert sum("tenant a ready" in r for r in shown) == 1, text
+    assert "waiting for every tenant" not in text, f"a stale table from before the log line:\n{text}"
+    assert sum("pair_tiny (cpu)" in r for r in shown) == 1, f"one table only:\n{text}"
+    assert shown[0].startswith("tenant a ready"), f"the log line sits above the table:\n{text}"
+    assert handler.stream is term, "the handler writes to its own stream again after the table"

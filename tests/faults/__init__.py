@@ -1,0 +1,1 @@
+"""Fault-injection suite (README, "Testing"): one test per fault, CPU only."""

@@ -36,6 +36,11 @@ TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PINNED_MEM_RE = re.compile(r"^(?:(\d+)=)?(\d+(?:\.\d+)?)([KMGT])B?$", re.IGNORECASE)
 
 
+# Tenants send a progress message every 0.5 s (tenant.PROGRESS_INTERVAL_NS): a shorter
+# hang_timeout_s would call healthy tenants hung.
+HANG_TIMEOUT_MIN_S = 1.0
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line: what is wrong and how to fix it."""
 
@@ -156,6 +161,9 @@ class ExperimentConfig:
     ready_timeout_s: float = 600.0
     window_lead_s: float = 0.5  # between the ready barrier and t0, so every tenant hears t0 in time
     stop_timeout_s: float = 30.0  # after the window: how long tenants get to finish before SIGTERM
+    # A tenant silent this long in its measured phase (no progress message; they come every
+    # 0.5 s) is hung: killed, and the run fails naming it.
+    hang_timeout_s: float = 60.0
     telemetry_interval_ms: int = 100
     progress: bool = True  # live rich display
     mps: MpsConfig = field(default_factory=MpsConfig)
@@ -271,6 +279,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("mode") not in MODES:
         raise _fail("mode", f"unknown mode {cfg.get('mode')!r}", f"use one of {', '.join(MODES)}")
     mode = cfg["mode"]
+    _checked_device("device", cfg["device"])  # refused even where mode=cpu replaces it
     if mode == "cpu":
         cfg["device"] = "cpu"
     idx = device_index(cfg["device"])
@@ -282,6 +291,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("ready_timeout_s", "stop_timeout_s"):
         if not cfg[key] > 0:
             raise _fail(key, f"must be > 0 (got {cfg[key]})", f"set {key} to a positive number of seconds")
+    if not cfg["hang_timeout_s"] >= HANG_TIMEOUT_MIN_S:
+        raise _fail(
+            "hang_timeout_s",
+            f"must be >= {HANG_TIMEOUT_MIN_S:g} s (got {cfg['hang_timeout_s']}): tenants report progress every 0.5 s",
+            "use 60 (the default), more if one engine step can take longer",
+        )
     if cfg["window_lead_s"] < 0:
         raise _fail("window_lead_s", f"must be >= 0 (got {cfg['window_lead_s']})", "set it to 0.5")
     if not cfg["telemetry_interval_ms"] >= 10:
@@ -316,7 +331,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if not t["max_batch"] >= 1:
             raise _fail(f"{w}.max_batch", f"must be >= 1 (got {t['max_batch']})", "set a positive batch limit")
         t["device"] = t.get("device") or cfg["device"]
-        tidx = device_index(t["device"])
+        tidx = _checked_device(f"{w}.device", t["device"])
         if mode == "cpu" and tidx is not None:
             raise _fail(f"{w}.device", f"mode cpu but device {t['device']}", "remove the tenant's device or set mode")
         if t["backend"] == "vllm":
@@ -341,6 +356,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if mode != "cpu":
         _validate_vllm_memory(tenants)
     return cfg
+
+
+def _checked_device(where: str, device: str) -> int | None:
+    """``device_index`` with a message that names the field."""
+    try:
+        return device_index(device)
+    except ConfigError:
+        raise _fail(where, f"{device!r} is not cpu, cuda or cuda:<index>", f"set {where}=cuda:0 or {where}=cpu") from None
 
 
 def _positive(where: str, value: Any, what: str, allow_none: bool = False) -> None:
@@ -432,7 +455,10 @@ def _validate_share(w: str, share: dict[str, Any], mode: str, tidx: int | None) 
     if prio is not None and prio not in (0, 1):
         raise _fail(f"{w}.priority", f"must be 0 or 1 (got {prio})", "use 0 (normal) or 1 (below normal)")
     if mem is not None:
-        share["pinned_mem_limit"] = parse_pinned_mem_limit(str(mem), tidx or 0)
+        try:
+            share["pinned_mem_limit"] = parse_pinned_mem_limit(str(mem), tidx or 0)
+        except ConfigError as e:  # its message names no field: say which tenant's it is
+            raise ConfigError(f"{w}.pinned_mem_limit: {e}") from None
 
 
 def unapplied_shares_warning(cfg: dict[str, Any]) -> str | None:

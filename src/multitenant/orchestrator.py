@@ -17,7 +17,9 @@ Order of work (each step is undone in ``finally``, in reverse, whatever happens)
    MPS, which would make the experiment meaningless;
 6. announce one common ``t0`` (now + ``window_lead_s``) to all tenants; each tenant's own
    measured phase starts at ``t0 + start_delay_s``;
-7. wait for every tenant to finish; the first failure stops the others;
+7. wait for every tenant to finish; the first failure stops the others; a tenant that sends
+   nothing for ``hang_timeout_s`` once its measured phase began (tenants report progress every
+   0.5 s) is hung: it is killed and fails the run;
 8. stop tenants (stop command, then SIGTERM, then SIGKILL to their process groups: engine
    cores and launched servers are in them), stop the sampler, stop the daemon, redact API keys
    from the tenants' logs, write the final manifest (``ok`` | ``failed`` | ``interrupted``).
@@ -83,6 +85,7 @@ class TenantProc:
     error: str | None = None
     final_status: str | None = None
     exit_code: int | None = None
+    last_msg_ns: int = 0  # time.monotonic_ns() of the last bytes it sent: hang detection
     _buf: bytes = b""
 
     def send(self, cmd: str, **fields: Any) -> None:
@@ -416,6 +419,7 @@ class Orchestrator:
             if not chunk:
                 self.selector.unregister(tp.msg_fd)
                 continue
+            tp.last_msg_ns = time.monotonic_ns()
             tp._buf += chunk
             *lines, tp._buf = tp._buf.split(b"\n")
             for line in lines:
@@ -513,6 +517,8 @@ class Orchestrator:
             self._pump(POLL_S)
             if (why := self._first_failure()) is not None:
                 raise RunFailed(why)
+            if (why := self._kill_hung_tenant()) is not None:
+                raise RunFailed(why)
             if deadline_ns is not None and time.monotonic_ns() > deadline_ns:
                 late = [tp.name for tp in self.tenants.values() if tp.exit_code is None]
                 raise RunFailed(f"tenant(s) {', '.join(late)} did not finish within stop_timeout_s after their window")
@@ -522,6 +528,37 @@ class Orchestrator:
         not_ok = [tp.name for tp in self.tenants.values() if tp.final_status not in ("ok", None)]
         if not_ok:
             raise RunFailed(f"tenant(s) {', '.join(not_ok)} ended with status {self.tenants[not_ok[0]].final_status}")
+
+    def _kill_hung_tenant(self) -> str | None:
+        """Kill the first tenant that sent nothing for ``hang_timeout_s`` and say why, or None.
+
+        A tenant in its measured phase sends progress every 0.5 s (then ``finished``, then it
+        exits), so silence means a stuck engine, a deadlock or a stopped process: one that is
+        alive yet never finishes would otherwise hold the run until ``stop_timeout_s`` after
+        the window, or forever when it stops on a request count. The clock starts at the
+        tenant's own window start: before it, waiting for a staggered start, it is silent by
+        design. SIGKILL at once: a hung tenant answers neither the stop command nor SIGTERM
+        (a stopped process cannot); what its writer thread flushed stays readable either way.
+        """
+        if self.window is None:
+            return None
+        limit_ns = int(self.cfg["hang_timeout_s"] * 1e9)
+        now = time.monotonic_ns()
+        for tp in self.tenants.values():
+            if tp.exit_code is not None:
+                continue
+            started_ns = self.window[0] + int(tp.cfg["workload"]["start_delay_s"] * 1e9)
+            silent_ns = now - max(tp.last_msg_ns, started_ns)
+            if silent_ns > limit_ns:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(tp.popen.pid, signal.SIGKILL)
+                tp.state = "failed"
+                return (
+                    f"tenant {tp.name} hung: nothing from it for {silent_ns / 1e9:.1f} s in its measured phase "
+                    f"(hang_timeout_s={self.cfg['hang_timeout_s']:g}), killed with SIGKILL; raise hang_timeout_s "
+                    f"if its steps are that slow (last stderr line: {last_line(tp.stderr_path) or 'none'})"
+                )
+        return None
 
     # -- cleanup ---------------------------------------------------------------------------
 
@@ -565,6 +602,10 @@ class Orchestrator:
             self.manifest["mps"]["stop"] = {"clean": result.clean, "actions": result.actions, "left_pids": result.left_pids}
             if not result.clean:
                 log.error("MPS daemon on %s not fully stopped: pids %s left", self.daemon.pipe_dir, result.left_pids)
+            elif signalled := [a for a in result.actions if a.startswith(("SIGTERM", "SIGKILL"))]:
+                # A daemon that ignores quit often sits on a faulted GPU context: say so, not
+                # only in the manifest.
+                log.warning("MPS daemon on %s did not quit; stopped with %s", self.daemon.pipe_dir, ", ".join(signalled))
 
     def _redact_secrets(self) -> None:
         """API keys never stay in a file of the run: a server may print its arguments."""

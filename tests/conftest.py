@@ -38,4 +38,5 @@ def mt_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["MT_CONFIG_DIR"] = str(CONFIGS)
     env["PYTHONUNBUFFERED"] = "1"
+    env["MT_CACHE_DIR"] = str(tmp_path / "mt-cache")  # compile caches: not in the user's home
     return env

@@ -31,6 +31,8 @@ DEFAULT_HYDRA_OVERRIDES = (
     "hydra.sweep.subdir=job${hydra.job.num}",
     "hydra.job.name=mt-run",  # Hydra's own log: <run_dir>/mt-run.log
     "hydra/help=mt_run",  # --help says what modes, shares and workloads are (configs/hydra/help)
+    # The sweep folder, for the exit code of jobs that ran in other processes (submitit).
+    "+hydra.callbacks.mt_sweep_status._target_=multitenant.cli.SweepStatus",
 )
 
 _exit_codes: list[int] = []
@@ -254,6 +256,70 @@ def with_default_overrides(args: list[str]) -> list[str]:
     return args[:at] + defaults + args[at:]
 
 
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def with_trials(args: list[str]) -> list[str]:
+    """``trials=N`` (N > 1) as a sweep: ``trial=range(0,N)`` becomes the first sweep override
+    and ``-m`` is added if missing.
+
+    Hydra's basic sweeper runs the product of the sweep overrides with the first one outermost,
+    so with ``trial`` first every trial is one whole pass over the points (``split=90/10,50/50
+    trials=2`` runs 90/10, 50/50, 90/10, 50/50): slow drift (clocks, temperature, a neighbour
+    on the host) spreads over all points instead of landing on the last ones. ``trials`` itself
+    stays an override, so it is in every job's config. A ``trial=`` the user gives is kept.
+    """
+    values = [a.split("=", 1)[1] for a in args if _is_override(a) and a.split("=", 1)[0].lstrip("+") == "trials"]
+    if not values or any(_is_override(a) and a.split("=", 1)[0].lstrip("+") == "trial" for a in args):
+        return args
+    if not values[-1].strip().isdigit():
+        return args  # not a whole number: validation names it (exit 2)
+    n = int(values[-1])
+    if n <= 1:
+        return args
+    first = next(i for i, a in enumerate(args) if _is_override(a))
+    out = args[:first] + [f"trial=range(0,{n})"] + args[first:]
+    if not any(a in ("-m", "--multirun") for a in out):
+        out = ["-m", *out]
+    return out
+
+
+class SweepStatus:
+    """A Hydra callback that notes the sweep folder, so the exit code of a sweep whose jobs ran
+    in other processes (the submitit launchers) comes from the jobs' manifests."""
+
+    sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        SweepStatus.sweep_dir = Path(str(config.hydra.sweep.dir))
+
+    # Hydra calls every hook a callback might have; the others have nothing to do here.
+    def on_run_start(self, config: Any, **kwargs: Any) -> None: ...
+    def on_run_end(self, config: Any, **kwargs: Any) -> None: ...
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None: ...
+    def on_job_start(self, config: Any, **kwargs: Any) -> None: ...
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None: ...
+    def on_compose_config(self, config: Any, config_name: str | None, overrides: list[str]) -> None: ...
+
+
+def exit_code_from_manifests(sweep_dir: Path) -> int:
+    """The sweep's exit code from its jobs' manifest.json files (jobs run by another process).
+
+    A job folder without a manifest was refused by validation (exit 2); ``running`` means the
+    job's process died without ending its run (exit 1)."""
+    codes = []
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        manifest = job / "manifest.json"
+        if not manifest.is_file():
+            continue
+        import json
+
+        status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
+        codes.append({"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED))
+    return max(codes) if codes else EXIT_CONFIG
+
+
 # Hydra's own flags that need no experiment config (help, completion).
 _NO_CONFIG_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc")
 
@@ -302,7 +368,7 @@ def run_main() -> None:
         if primary.is_file() and (err := duplicate_key_error(primary)) is not None:
             print(f"mt-run: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
-    sys.argv[1:] = with_default_overrides(sys.argv[1:])
+    sys.argv[1:] = with_default_overrides(with_trials(sys.argv[1:]))
     task = hydra.main(version_base=None, config_path=str(config_dir), config_name=None)(run_experiment_task)
     try:
         task()
@@ -314,6 +380,15 @@ def run_main() -> None:
         if e.code not in (0, None) and not _task_calls:
             sys.exit(EXIT_CONFIG)
         raise
+    # Hydra instantiates the callback from its import path: under `python -m multitenant.cli`
+    # that is another module object than this __main__, so read the class from there.
+    from multitenant.cli import SweepStatus as callback
+
+    if not _task_calls and callback.sweep_dir is not None and callback.sweep_dir.is_dir():
+        code = exit_code_from_manifests(callback.sweep_dir)  # jobs ran elsewhere (a launcher)
+        if code != EXIT_OK:
+            print(f"mt-run: a job did not end ok; the launcher's job logs: {callback.sweep_dir / '.submitit'}", file=sys.stderr)
+        sys.exit(code)
     sys.exit(max(_exit_codes) if _exit_codes else EXIT_OK)
 
 

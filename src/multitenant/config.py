@@ -166,6 +166,13 @@ class ExperimentConfig:
     hang_timeout_s: float = 60.0
     telemetry_interval_ms: int = 100
     progress: bool = True  # live rich display
+    # Repeated trials of a sweep: `trials=N` makes mt-run sweep `trial` over 0..N-1, outermost,
+    # so every trial is one pass over all points (drift spreads over the points evenly).
+    trials: int = 1
+    trial: int = 0  # this run's trial; analysis groups runs by their other overrides
+    # Compile and graph caches (Inductor, Triton, vLLM, CUDA's JIT), kept across runs and sweep
+    # jobs; default $MT_CACHE_DIR, else $XDG_CACHE_HOME/multitenant, else ~/.cache/multitenant.
+    cache_dir: str | None = None
     mps: MpsConfig = field(default_factory=MpsConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
@@ -219,6 +226,20 @@ def device_index(device: str) -> int | None:
     if not m:
         raise ConfigError(f"device {device!r} is not cpu, cuda or cuda:<index>; set device=cuda:0 or device=cpu")
     return int(m.group(1))
+
+
+CACHE_DIR_ENV = "MT_CACHE_DIR"
+
+
+def resolve_cache_dir(configured: str | None) -> Path:
+    """The compile/graph cache folder: ``cache_dir`` if set, else ``$MT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/multitenant``, else ``~/.cache/multitenant`` (absolute, ``~`` expanded)."""
+    if configured:
+        return Path(configured).expanduser().resolve()
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return (Path(base).expanduser() / "multitenant").resolve()
 
 
 def apply_split(cfg: dict[str, Any]) -> None:
@@ -303,6 +324,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise _fail(
             "telemetry_interval_ms", f"must be >= 10 (got {cfg['telemetry_interval_ms']})", "use 100 (the default)"
         )
+    if isinstance(cfg["trials"], bool) or not (isinstance(cfg["trials"], int) and cfg["trials"] >= 1):
+        raise _fail("trials", f"must be a whole number >= 1 (got {cfg['trials']!r})", "write it like trials=3")
+    if not (isinstance(cfg["trial"], int) and 0 <= cfg["trial"] < cfg["trials"]):
+        raise _fail(
+            "trial", f"{cfg['trial']!r} is not in 0..trials-1 (trials={cfg['trials']})", "give trials=N and let mt-run set trial"
+        )
+    cfg["cache_dir"] = str(resolve_cache_dir(cfg.get("cache_dir")))
     apply_split(cfg)
 
     pct_sum = 0
@@ -392,6 +420,13 @@ def _validate_workload(w: str, wl: dict[str, Any], max_batch: int) -> None:
         raise _fail(f"{w}.arrival.kind", f"unknown arrival process {arr['kind']!r}", f"use one of {', '.join(ARRIVALS)}")
     if arr["kind"] == "closed":
         _positive(f"{w}.arrival.concurrency", arr["concurrency"], "concurrency")
+        if arr["rate"] is not None:
+            # A closed loop has no rate: a rate sweep over it would run the same point N times.
+            raise _fail(
+                f"{w}.arrival.rate",
+                f"rate={arr['rate']} is given but arrival.kind is closed, which ignores it",
+                f"add {w}.arrival.kind=poisson (or constant, gamma) for an open loop, or drop the rate",
+            )
     else:
         _positive(f"{w}.arrival.rate", arr["rate"], "request rate (req/s)")
         if arr["kind"] == "gamma":

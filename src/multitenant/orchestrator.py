@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -199,6 +200,9 @@ class Orchestrator:
             "ended_ns": None,
             "argv": self.argv,
             "overrides": self.overrides,
+            # Where tenants keep compiled kernels (a variable already set in the environment wins).
+            "cache_dir": self.cfg["cache_dir"],
+            "trial": self.cfg["trial"],
         }
         if self.gpu_index is not None:
             from multitenant.telemetry import gpu_info
@@ -352,6 +356,7 @@ class Orchestrator:
             logs = self.daemon.log_dir if self.daemon is not None else None
             env = mps.child_env(os.environ, mps.tenant_env(t["share"], device_index(t["device"]) or 0, pipe, logs))
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(cache_env(env, Path(self.cfg["cache_dir"])))
         return env
 
     def _start_tenants(self) -> None:
@@ -625,6 +630,23 @@ class Orchestrator:
             if all(tp.popen.poll() is not None and not _group_alive(tp.popen.pid) for tp in tenants):
                 return
             self._pump(POLL_S) if self.selector.get_map() else time.sleep(POLL_S)
+
+
+# The compile and graph caches a tenant fills during warm-up, each a sub-folder of cache_dir.
+CACHE_VARS = {
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",  # Inductor's FX graph and kernel caches (hf graphs)
+    "TRITON_CACHE_DIR": "triton",  # compiled Triton kernels
+    "VLLM_CACHE_ROOT": "vllm",  # vLLM's torch.compile cache
+    "CUDA_CACHE_PATH": "cuda",  # the driver's PTX JIT cache
+}
+
+
+def cache_env(env: Mapping[str, str], cache_dir: Path) -> dict[str, str]:
+    """The cache variables to set for a tenant: under ``cache_dir``, except those the user's
+    environment already sets (kept). Persisting them makes a sweep's later points, and later
+    runs, find compiled kernels instead of compiling again (``warmup_s`` drops from minutes to
+    seconds for graphs tenants)."""
+    return {var: str(cache_dir / sub) for var, sub in CACHE_VARS.items() if not env.get(var)}
 
 
 def loads_alone(tenant: dict[str, Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,6 +83,26 @@ def test_open_loop_needs_positive_rate(pair: dict[str, Any]) -> None:
     cfg["tenants"]["a"]["workload"]["arrival"].update(kind="gamma", rate=2.0, burstiness=-1.0)
     with pytest.raises(ConfigError, match=r"burstiness"):
         validate(cfg)
+
+
+def test_a_rate_on_a_closed_loop_is_refused(pair: dict[str, Any]) -> None:
+    # It used to be ignored: a rate sweep over a closed-loop tenant ran one point N times.
+    cfg = copy.deepcopy(pair)
+    cfg["tenants"]["a"]["workload"]["arrival"].update(kind="closed", rate=4.0)
+    with pytest.raises(ConfigError, match=r"^tenants\.a\.workload\.arrival\.rate: .*arrival\.kind=poisson"):
+        validate(cfg)
+
+
+def test_trials_and_trial_are_checked(pair: dict[str, Any]) -> None:
+    for trials, trial, field in ((0, 0, "trials"), (True, 0, "trials"), (2, 2, "trial"), (3, -1, "trial")):
+        cfg = copy.deepcopy(pair)
+        cfg.update(trials=trials, trial=trial)
+        with pytest.raises(ConfigError, match=rf"^{field}:"):
+            validate(cfg)
+    cfg = copy.deepcopy(pair)
+    cfg.update(trials=3, trial=2, cache_dir="~/mt-cache")
+    out = validate(cfg)
+    assert out["cache_dir"] == str(Path("~/mt-cache").expanduser().resolve())
 
 
 def test_tenant_needs_a_stop_condition(pair: dict[str, Any]) -> None:

@@ -10,6 +10,10 @@
 #   OUT=/tmp/out bash scripts/gpu_validation.sh openai   # `vllm serve` tenants: solo, the pair under MPS;
 #                                                        # then benchmarks/vllm_overhead.py
 #   OUT=/tmp/out bash scripts/gpu_validation.sh hf_vllm  # solo/llama1b, then hf_vs_vllm under MPS
+#   OUT=/tmp/out bash scripts/gpu_validation.sh sweep    # issue 10: prime the cache, then the cost
+#                                                        # of a 5-point split sweep, 30 s windows
+#   OUT=/tmp/out bash scripts/gpu_validation.sh trials   # issue 10: solo + 5-point split sweep, trials=3
+#                                                        # (trials_solo, trials_sweep: one of them)
 # vLLM phases need vLLM importable: VLLM_WHEELS=DIR holding the joined vllm wheel and deps/ (see
 # ../shared/gpu/pack_vllm_wheels.sh) installs it into /tmp/vsite first.
 # After every run it lists any tenant, MPS daemon or GPU compute process still alive (there must
@@ -130,6 +134,29 @@ openai)
 hf_vllm)
   mtrun solo_hf --config-name solo/llama1b $(short llama1b_graphs)
   mtrun hf_vs_vllm --config-name multitenant/hf_vs_vllm $(short hf vllm)
+  ;;
+sweep)
+  # Issue 10: a first run fills the compile cache (cache_dir, ~/.cache/multitenant), then the
+  # cost of a 5-point split sweep with 30 s windows on that warm cache (benchmarks/sweep_cost.py).
+  mtrun prime --config-name multitenant/pair_llama1b split=50/50 $(DUR=3 short a b)
+  python3 benchmarks/sweep_cost.py --out "$OUT/sweep_cost.json" --sweep-dir "$EXP/cost" -- \
+    --config-name multitenant/pair_llama1b 'split=90/10,70/30,50/50,30/70,10/90' $(DUR=30 short a b) \
+    2>"$OUT/sweep_cost.stderr" | tee "$OUT/sweep_cost.md"
+  leftovers cost
+  ;;
+trials|trials_solo|trials_sweep)
+  # Issue 10: the solo baseline and the 5-point split sweep, three trials each (interleaved);
+  # trials_solo / trials_sweep run one of the two (each fits one 10-minute call).
+  for args in "solo --config-name solo/llama1b $(short llama1b_graphs)" \
+              "sweep --config-name multitenant/pair_llama1b split=90/10,70/30,50/50,30/70,10/90 $(short a b)"; do
+    set -- $args; name=$1; shift
+    [ "$PHASE" = trials ] || [ "$PHASE" = "trials_$name" ] || continue
+    echo "===== $name: mt-run $* trials=3"
+    t=$SECONDS
+    python3 -m multitenant.cli "$@" trials=3 progress=false "hydra.sweep.dir=$EXP/$name"
+    echo "$name rc=$? after $((SECONDS - t)) s"
+    leftovers "$name"
+  done
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

@@ -320,6 +320,37 @@ def exit_code_from_manifests(sweep_dir: Path) -> int:
     return max(codes) if codes else EXIT_CONFIG
 
 
+def hydra_error_line(exc: BaseException, config_dir: Path) -> str:
+    """One line for a config Hydra could not compose: the field, the problem, the fix.
+
+    Hydra wraps OmegaConf's error (which knows the full key) in its own; an unknown key gets
+    the closest key of the schema, as a ``+key=value`` typo does in validation."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from multitenant.config import ExperimentConfig, unknown_key_error
+
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override {exc.override!r}: {str(exc).strip().splitlines()[0]}; quote it or fix its syntax"
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        return f"no config {exc.missing_cfg_file!r} under {config_dir}; run mt-run alone to list the experiments"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        node: dict[str, Any] = {}
+        leaf = node
+        for part in str(key).split(".")[:-1]:
+            leaf = leaf.setdefault(part, {})
+        leaf[str(key).split(".")[-1]] = None
+        if (err := unknown_key_error(node, ExperimentConfig)) is not None:
+            return str(err)
+    if isinstance(cause, OmegaConfBaseException) and key:
+        msg = str(getattr(cause, "msg", "") or cause).strip().splitlines()[0]
+        return f"{key}: {msg} ({first.lower()}); give it a value of the field's type"
+    return f"{first}; fix the config or the override"
+
+
 # Hydra's own flags that need no experiment config (help, completion).
 _NO_CONFIG_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc")
 
@@ -370,10 +401,24 @@ def run_main() -> None:
             sys.exit(EXIT_CONFIG)
     sys.argv[1:] = with_default_overrides(with_trials(sys.argv[1:]))
     task = hydra.main(version_base=None, config_path=str(config_dir), config_name=None)(run_experiment_task)
+    # Hydra prints a config it cannot compose in several lines; with HYDRA_FULL_ERROR it raises
+    # instead, and the exception becomes one line here. A user who set it gets the traceback.
+    user_wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         task()
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        composing = isinstance(e, (HydraException, OmegaConfBaseException))  # not a harness bug
+        if user_wants_traceback or not (composing or not _task_calls):
+            raise
+        # In a sweep, a later job's config can fail after earlier jobs ran: keep the worst code.
+        print(f"mt-run: error: {hydra_error_line(e, config_dir)}", file=sys.stderr)
+        sys.exit(max([EXIT_CONFIG, *_exit_codes]))
     except SystemExit as e:
         # Hydra reports a config it cannot compose (unknown key, wrong type, missing file) on
         # stderr and exits 1 before any job starts: that is a configuration error, exit 2.

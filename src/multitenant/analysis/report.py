@@ -327,6 +327,9 @@ def banner(rm: RunMetrics) -> str | None:
     if rm.run.status == RUN_OK:
         return None
     reason = rm.run.manifest.get("reason")
+    if rm.run.status == "running" and not reason:
+        # mt-run never ended it (killed, or still going): its MPS daemon may still be up.
+        reason = "mt-run did not end this run (killed?); if it used mode=mps, run `mt-mps stop --all`"
     return f"Run status {rm.run.status!r}" + (f": {reason}" if reason else "") + " — numbers may be incomplete."
 
 

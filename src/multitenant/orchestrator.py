@@ -457,7 +457,14 @@ class Orchestrator:
             tp.state = "failed"
         elif kind == "finished":
             tp.final_status = msg.get("status")
-            tp.progress = msg.get("counts") or tp.progress
+            if msg.get("counts"):
+                # The final counts are the whole measured phase's: the live rate divides them by
+                # the time to its end (now, or the tenant's window end if that came first).
+                end_ns = time.monotonic_ns()
+                if self.window is not None and tp.cfg["workload"]["duration_s"] is not None:
+                    wl = tp.cfg["workload"]
+                    end_ns = min(end_ns, self.window[0] + int((wl["start_delay_s"] + wl["duration_s"]) * 1e9))
+                tp.progress = {**msg["counts"], "t": end_ns}
 
     def _first_failure(self) -> str | None:
         failed = [tp for tp in self.tenants.values() if tp.state == "failed" or (tp.exit_code not in (None, 0))]

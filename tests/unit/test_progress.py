@@ -121,3 +121,19 @@ def test_log_lines_during_the_live_table_leave_no_stale_lines() -> None:
     assert sum("pair_tiny (cpu)" in r for r in shown) == 1, f"one table only:\n{text}"
     assert shown[0].startswith("tenant a ready"), f"the log line sits above the table:\n{text}"
     assert handler.stream is term, "the handler writes to its own stream again after the table"
+
+
+def test_final_counts_keep_a_rate_over_the_whole_measured_phase() -> None:
+    # The tenant's last message ("finished") carries the whole phase's counts but no time: the
+    # rate is counted to the tenant's window end (the final table showed no rate before).
+    from multitenant.orchestrator import Orchestrator
+
+    orch = SimpleNamespace(window=(100 * S, 110 * S))
+    tp = SimpleNamespace(
+        progress={"t": 109 * S, "tokens": 900, "requests": 9},
+        final_status=None,
+        cfg={"task": "generate", "workload": {"start_delay_s": 0.0, "duration_s": 10.0}},
+    )
+    Orchestrator._on_message(orch, tp, {"msg": "finished", "status": "ok", "counts": {"tokens": 1000, "requests": 10}})  # type: ignore[arg-type]
+    assert tp.final_status == "ok"
+    assert rate_text(orch, tp) == "100.0 tok/s"

@@ -33,6 +33,7 @@ from multitenant.analysis.metrics import (
     RunMetrics,
     SloError,
     apply_baselines,
+    baseline_trials,
     choose_baseline,
     compute_run,
     newest_first,
@@ -165,7 +166,7 @@ def analyse(args: argparse.Namespace) -> int:
         for head in newest_first(beside):
             add(head)
 
-    choice: dict[Path, dict[str, RunData | None]] = {}
+    choice: dict[Path, dict[str, list[RunData] | None]] = {}
     needed: dict[Path, Path] = {}
     for key, head in heads.items():
         choice[key] = {}
@@ -173,9 +174,10 @@ def analyse(args: argparse.Namespace) -> int:
             continue
         for name in head.tenants:
             solo = choose_baseline(head, name, candidates)
-            choice[key][name] = solo
-            if solo is not None:
-                needed[solo.run_dir.resolve()] = solo.run_dir
+            pool = baseline_trials(solo, head, name, candidates) if solo is not None else None
+            choice[key][name] = pool
+            for s in pool or []:
+                needed[s.run_dir.resolve()] = s.run_dir
 
     to_load = list(run_dirs) + [d for k, d in needed.items() if k not in heads]
     total = 0
@@ -191,7 +193,10 @@ def analyse(args: argparse.Namespace) -> int:
     rms = [metrics[d.resolve()] for d in run_dirs]
     for rm in rms:
         key = rm.run.run_dir.resolve()
-        solos = {name: (metrics[s.run_dir.resolve()] if s is not None else None) for name, s in choice[key].items()}
+        solos: dict[str, RunMetrics | list[RunMetrics] | None] = {
+            name: ([metrics[s.run_dir.resolve()] for s in pool] if pool is not None else None)
+            for name, pool in choice[key].items()
+        }
         apply_baselines(rm, solos)
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])

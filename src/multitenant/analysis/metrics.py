@@ -302,6 +302,7 @@ class TenantMetrics:
     colocated_e2e_mean_ms: float | None = None
     slowdown: dict[str, float | None] | None = None
     baseline_run_dir: str | None = None
+    baseline_trials: int | None = None  # solo runs pooled into the baseline (trials of one solo sweep)
     table: RequestTable | None = None
 
 
@@ -653,6 +654,29 @@ def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunDa
     return None
 
 
+def baseline_trials(chosen: RunData, run: RunData, name: str, candidates: list[RunData]) -> list[RunData]:
+    """``chosen`` and the other trials of it: matching solo runs in the same sweep folder of a
+    solo sweep with ``trials`` > 1. Their mean is the baseline, so NP divides by the solo
+    tenant's mean over trials, not by whichever trial ran last. Solo runs elsewhere (an older
+    run beside it) are never pooled: the newest match stays the rule there."""
+    if int((chosen.config or {}).get("trials") or 1) <= 1:
+        return [chosen]
+    folder = chosen.run_dir.resolve().parent
+    pool = [chosen]
+    for cand in candidates:
+        if cand is chosen or cand.run_dir.resolve().parent != folder:
+            continue
+        if choose_baseline(run, name, [cand]) is cand:
+            pool.append(cand)
+    return pool
+
+
+def _pooled_mean(values: list[float | None]) -> float | None:
+    """Mean over the solo trials that have the value (None when none has it)."""
+    have = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(have)) if have else None
+
+
 def np_definition(run: RunData, name: str) -> str:
     """NP_E2E for a tenant whose ``workload.arrival.kind`` is open loop (OPEN_LOOP_ARRIVALS),
     NP_THROUGHPUT otherwise (closed loop, or no config to tell)."""
@@ -666,11 +690,13 @@ def newest_first(runs: list[RunData]) -> list[RunData]:
     return sorted(runs, key=lambda r: str(r.manifest.get("started_wall") or ""), reverse=True)
 
 
-def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | None]) -> None:
+def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | list[RunMetrics] | None]) -> None:
     """Fill NP, slowdowns and the aggregate interference figures from matched solo runs.
 
-    ``solos[name]`` is the solo run's metrics for tenant ``name`` (None when no match). Single-
-    tenant runs get no interference figures (there is nothing to interfere with).
+    ``solos[name]`` is the solo run's metrics for tenant ``name``, or the trials of one solo
+    sweep (``baseline_trials``): then each solo figure is the mean over those trials (solo
+    throughput, mean E2E, every latency percentile a slowdown divides by). None when no match.
+    Single-tenant runs get no interference figures (there is nothing to interfere with).
     """
     if len(rm.tenants) < 2:
         return
@@ -688,19 +714,22 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | None]) -> None
                 "run it alone with the same settings and pass the run with --baseline"
             )
             continue
-        (solo_tm,) = solo.tenants.values()
-        tm.baseline_run_dir = str(solo.run.run_dir)
-        tm.solo_throughput = solo_tm.throughput
+        pool = solo if isinstance(solo, list) else [solo]
+        solo_tms = [next(iter(s.tenants.values())) for s in pool]
+        tm.baseline_run_dir = str(pool[0].run.run_dir)
+        tm.baseline_trials = len(pool)
+        tm.solo_throughput = _pooled_mean([t.throughput for t in solo_tms])
         if tm.np_definition == NP_E2E:
-            tm.solo_e2e_mean_ms = solo_tm.latency["e2e"]["mean"]
+            tm.solo_e2e_mean_ms = _pooled_mean([t.latency["e2e"]["mean"] for t in solo_tms])
             tm.colocated_e2e_mean_ms = tm.latency["e2e"]["mean"]
             tm.np = _ratio(tm.solo_e2e_mean_ms, tm.colocated_e2e_mean_ms)
             if tm.np is None:
                 rm.warnings.append(_e2e_np_warning(name, tm))
         else:
-            tm.np = _ratio(tm.throughput, solo_tm.throughput)
+            tm.np = _ratio(tm.throughput, tm.solo_throughput)
         tm.slowdown = {
-            key: _ratio(tm.latency[metric][stat], solo_tm.latency[metric][stat]) for key, metric, stat in SLOWDOWN_KEYS
+            key: _ratio(tm.latency[metric][stat], _pooled_mean([t.latency[metric][stat] for t in solo_tms]))
+            for key, metric, stat in SLOWDOWN_KEYS
         }
     nps = [tm.np for tm in rm.tenants.values()]
     if any(x is None for x in nps):

@@ -86,6 +86,7 @@ def run_summary(rm: RunMetrics) -> dict[str, Any]:
                 "solo_e2e_mean_ms": tm.solo_e2e_mean_ms,
                 "colocated_e2e_mean_ms": tm.colocated_e2e_mean_ms,
                 "baseline_run_dir": tm.baseline_run_dir,
+                "baseline_trials": tm.baseline_trials,
                 "ttft_split": tm.ttft_split,
             }
         )

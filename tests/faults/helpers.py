@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psutil
@@ -223,6 +224,37 @@ def check_logs(run_dir: Path, run_end: dict[str, str | None]) -> tuple[dict[str,
             lost += unaccounted(events)
         logs[name] = events
     return logs, lost
+
+
+class Ended(NamedTuple):
+    """What a fault test checks once ``mt-run`` has exited (``finish``)."""
+
+    code: int
+    out: str
+    err: str
+    manifest: dict[str, Any]
+    logs: dict[str, list[dict[str, Any]]]
+    left: list[str]
+    lost: int
+
+
+def finish(
+    run: Watched,
+    run_dir: Path,
+    marker: Path,
+    fault: Callable[..., None],
+    run_end: dict[str, str | None],
+    timeout_s: float = 150,
+) -> Ended:
+    """Wait for ``mt-run``, then read its manifest, the processes left (``marker``: the test's
+    folder, see ``processes_left``) and every tenant's log (``check_logs`` with ``run_end``),
+    and count the case into the suite's tally (``fault``)."""
+    code, out, err = run.wait(timeout_s)
+    m = manifest(run_dir)
+    left = processes_left(run, m, marker)
+    logs, lost = check_logs(run_dir, run_end)
+    fault(processes_left=left, events_lost=lost)
+    return Ended(code, out, err, m, logs, left, lost)
 
 
 # -- mode mps against the fake control daemon (fixture fake_mps) ---------------------------------

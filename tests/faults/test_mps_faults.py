@@ -14,11 +14,9 @@ from tests.faults.helpers import (
     SOLO_T,
     Watched,
     attach_when_started,
-    check_logs,
-    manifest,
+    finish,
     mps_openai_args,
     mt_mps,
-    processes_left,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -29,11 +27,7 @@ def test_tenant_not_attached_to_the_daemon_fails_the_run(
 ) -> None:
     run_dir = tmp_path / "run"
     run = Watched(mps_openai_args(tmp_path, run_dir, 2), fake_mps, tmp_path)
-    code, out, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {SOLO_T: "interrupted"})
-    fault(processes_left=left, events_lost=lost)
+    code, out, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {SOLO_T: "interrupted"})
     assert code == 1, (out + err)[-2000:]
     assert m["status"] == "failed"
     pipe = m["mps"]["pipe_dir"]
@@ -53,11 +47,7 @@ def test_daemon_that_will_not_quit_is_stopped_by_signal_and_reported(
     env = dict(fake_mps, FAKE_MPS_WEDGE="hard")
     run = Watched(mps_openai_args(tmp_path, run_dir, 2), env, tmp_path)
     attach_when_started(run, run_dir, SOLO_T)
-    code, out, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {SOLO_T: "ok"})
-    fault(processes_left=left, events_lost=lost)
+    code, out, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {SOLO_T: "ok"})
     assert code == 0, (out + err)[-2000:]
     assert m["status"] == "ok" and m["tenants"][SOLO_T]["mps_attached"] is True
     stop, control_pid = m["mps"]["stop"], m["mps"]["control_pid"]

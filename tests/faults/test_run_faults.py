@@ -20,6 +20,7 @@ from tests.faults.helpers import (
     Watched,
     attach_when_started,
     check_logs,
+    finish,
     manifest,
     mps_openai_args,
     mt_analyze,
@@ -40,11 +41,7 @@ def test_signal_to_mt_run_interrupts_the_run_cleanly(
     run = Watched(["--config-name", PAIR, f"hydra.run.dir={run_dir}", *short(30)], mt_env, tmp_path)
     wait_for_window(run, run_dir)
     run.send_signal(sig)
-    code, _, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {"a": "interrupted", "b": "interrupted"})
-    fault(processes_left=left, events_lost=lost)
+    code, _, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {"a": "interrupted", "b": "interrupted"})
     assert code == 130, err[-2000:]
     assert m["status"] == "interrupted" and m["reason"] == f"interrupted by {sig.name}"
     assert m["tenants"]["a"]["exit_code"] == 0 and m["tenants"]["b"]["exit_code"] == 0

@@ -21,6 +21,7 @@ from tests.faults.helpers import (
     PAIR,
     Watched,
     check_logs,
+    finish,
     manifest,
     processes_left,
     short,
@@ -36,11 +37,7 @@ def test_tenant_crash_during_load_fails_the_run_before_the_window(
     run_dir = tmp_path / "run"
     env = dict(mt_env, MT_FAULT="b:crash@load")
     run = Watched(["--config-name", PAIR, f"hydra.run.dir={run_dir}", *short(2)], env, tmp_path)
-    code, _, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {"a": "interrupted", "b": None})
-    fault(processes_left=left, events_lost=lost)
+    code, _, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {"a": "interrupted", "b": None})
     assert code == 1, err[-2000:]
     assert m["status"] == "failed"
     assert m["reason"] == f"tenant b failed (exit code {CRASH_EXIT_CODE}): MT_FAULT: injecting crash into tenant b"
@@ -56,11 +53,7 @@ def test_tenant_crash_mid_window_fails_the_run_at_once(
     run_dir = tmp_path / "run"
     env = dict(mt_env, MT_FAULT="b:crash@window+2")  # after the writer's first flush in the window (every 1 s)
     run = Watched(["--config-name", PAIR, f"hydra.run.dir={run_dir}", *short(20)], env, tmp_path)
-    code, _, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {"a": "interrupted", "b": None})
-    fault(processes_left=left, events_lost=lost)
+    code, _, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {"a": "interrupted", "b": None})
     assert code == 1, err[-2000:]
     assert m["status"] == "failed"
     assert m["reason"] == f"tenant b failed (exit code {CRASH_EXIT_CODE}): MT_FAULT: injecting crash into tenant b"
@@ -77,11 +70,7 @@ def test_tenant_sigkill_mid_window_fails_the_run(
     run = Watched(["--config-name", PAIR, f"hydra.run.dir={run_dir}", *short(30)], mt_env, tmp_path)
     m = wait_for_window(run, run_dir)
     os.kill(m["tenants"]["b"]["pid"], signal.SIGKILL)
-    code, _, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {"a": "interrupted", "b": None})
-    fault(processes_left=left, events_lost=lost)
+    code, _, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {"a": "interrupted", "b": None})
     assert code == 1, err[-2000:]
     assert m["status"] == "failed" and m["reason"].startswith("tenant b failed (killed by signal 9)"), m["reason"]
     assert any(e["ev"] == "tok" for e in logs["b"]), "events b wrote before the kill are readable"
@@ -121,11 +110,7 @@ def test_disk_full_during_event_writes_fails_the_run_with_the_cause(
     run_dir = tmp_path / "run"
     env = dict(mt_env, MT_FAULT="b:enospc@window+1")
     run = Watched(["--config-name", PAIR, f"hydra.run.dir={run_dir}", *short(20)], env, tmp_path)
-    code, _, err = run.wait()
-    m = manifest(run_dir)
-    left = processes_left(run, m, tmp_path)
-    logs, lost = check_logs(run_dir, {"a": "interrupted", "b": None})
-    fault(processes_left=left, events_lost=lost)
+    code, _, err, m, logs, left, lost = finish(run, run_dir, tmp_path, fault, {"a": "interrupted", "b": None})
     assert code == 1, err[-2000:]
     assert m["status"] == "failed"
     reason = m["reason"]

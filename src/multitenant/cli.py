@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONFIG_DIR_ENV = "MT_CONFIG_DIR"
@@ -234,6 +237,10 @@ class _OutputThatNeverFails(io.TextIOBase):
         return True
 
 
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def with_default_overrides(args: list[str]) -> list[str]:
     """``args`` with DEFAULT_HYDRA_OVERRIDES (those the user did not give) among the overrides.
 
@@ -241,10 +248,10 @@ def with_default_overrides(args: list[str]) -> list[str]:
     none: appended at the end they would become the value of a trailing ``--info`` (whose value
     is optional), and before the user's overrides argparse would reject those.
     """
-    given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
+    given = {a.split("=", 1)[0] for a in args if _is_override(a)}
     defaults = [o for o in DEFAULT_HYDRA_OVERRIDES if o.split("=", 1)[0] not in given]
     at = len(args)
-    overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+    overrides = [i for i, a in enumerate(args) if _is_override(a)]
     if overrides:
         at = overrides[-1] + 1
     else:
@@ -254,10 +261,6 @@ def with_default_overrides(args: list[str]) -> list[str]:
             elif a.startswith("--config-name="):
                 at = i + 1
     return args[:at] + defaults + args[at:]
-
-
-def _is_override(arg: str) -> bool:
-    return "=" in arg and not arg.startswith("-")
 
 
 def with_trials(args: list[str]) -> list[str]:
@@ -285,7 +288,7 @@ def with_trials(args: list[str]) -> list[str]:
     return out
 
 
-class SweepStatus:
+class SweepStatus(Callback):
     """A Hydra callback that notes the sweep folder, so the exit code of a sweep whose jobs ran
     in other processes (the submitit launchers) comes from the jobs' manifests."""
 
@@ -293,14 +296,6 @@ class SweepStatus:
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         SweepStatus.sweep_dir = Path(str(config.hydra.sweep.dir))
-
-    # Hydra calls every hook a callback might have; the others have nothing to do here.
-    def on_run_start(self, config: Any, **kwargs: Any) -> None: ...
-    def on_run_end(self, config: Any, **kwargs: Any) -> None: ...
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None: ...
-    def on_job_start(self, config: Any, **kwargs: Any) -> None: ...
-    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None: ...
-    def on_compose_config(self, config: Any, config_name: str | None, overrides: list[str]) -> None: ...
 
 
 def exit_code_from_manifests(sweep_dir: Path) -> int:
@@ -313,8 +308,6 @@ def exit_code_from_manifests(sweep_dir: Path) -> int:
         manifest = job / "manifest.json"
         if not manifest.is_file():
             continue
-        import json
-
         status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
         codes.append({"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED))
     return max(codes) if codes else EXIT_CONFIG

@@ -87,6 +87,8 @@ class TenantProc:
     final_status: str | None = None
     exit_code: int | None = None
     last_msg_ns: int = 0  # time.monotonic_ns() of the last bytes it sent: hang detection
+    # Its own measured phase [t0 + start_delay_s, that + duration_s] (None: no end), once announced.
+    window: tuple[int, int | None] | None = None
     _buf: bytes = b""
 
     def send(self, cmd: str, **fields: Any) -> None:
@@ -461,9 +463,8 @@ class Orchestrator:
                 # The final counts are the whole measured phase's: the live rate divides them by
                 # the time to its end (now, or the tenant's window end if that came first).
                 end_ns = time.monotonic_ns()
-                if self.window is not None and tp.cfg["workload"]["duration_s"] is not None:
-                    wl = tp.cfg["workload"]
-                    end_ns = min(end_ns, self.window[0] + int((wl["start_delay_s"] + wl["duration_s"]) * 1e9))
+                if tp.window is not None and tp.window[1] is not None:
+                    end_ns = min(end_ns, tp.window[1])
                 tp.progress = {**msg["counts"], "t": end_ns}
 
     def _first_failure(self) -> str | None:
@@ -510,6 +511,7 @@ class Orchestrator:
             t0_i = t0 + int(wl["start_delay_s"] * 1e9)
             t1_i = t0_i + int(wl["duration_s"] * 1e9) if wl["duration_s"] is not None else None
             ends.append(t1_i)
+            tp.window = (t0_i, t1_i)
             tp.send("window", t0=t0_i, t1=t1_i)
             tp.state = "running"
         t1 = None if any(e is None for e in ends) else min(e for e in ends if e is not None)
@@ -552,15 +554,12 @@ class Orchestrator:
         design. SIGKILL at once: a hung tenant answers neither the stop command nor SIGTERM
         (a stopped process cannot); what its writer thread flushed stays readable either way.
         """
-        if self.window is None:
-            return None
         limit_ns = int(self.cfg["hang_timeout_s"] * 1e9)
         now = time.monotonic_ns()
         for tp in self.tenants.values():
-            if tp.exit_code is not None:
+            if tp.exit_code is not None or tp.window is None:
                 continue
-            started_ns = self.window[0] + int(tp.cfg["workload"]["start_delay_s"] * 1e9)
-            silent_ns = now - max(tp.last_msg_ns, started_ns)
+            silent_ns = now - max(tp.last_msg_ns, tp.window[0])
             if silent_ns > limit_ns:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(tp.popen.pid, signal.SIGKILL)

@@ -43,6 +43,7 @@ def hang_check(tmp_path: Path, delay_s: float, silent_s: float, monkeypatch: pyt
     tp = SimpleNamespace(
         name="b", cfg={"workload": {"start_delay_s": delay_s}}, exit_code=None, popen=SimpleNamespace(pid=4242),
         last_msg_ns=now - int(silent_s * S), stderr_path=tmp_path / "stderr.log", state="running",
+        window=(orch.window[0] + int(delay_s * S), None),  # its own phase, as _announce_window sets it
     )  # fmt: skip
     orch.tenants = {"b": tp}  # type: ignore[dict-item]
     return orch._kill_hung_tenant(), killed

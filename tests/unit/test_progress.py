@@ -133,6 +133,7 @@ def test_final_counts_keep_a_rate_over_the_whole_measured_phase() -> None:
         progress={"t": 109 * S, "tokens": 900, "requests": 9},
         final_status=None,
         cfg={"task": "generate", "workload": {"start_delay_s": 0.0, "duration_s": 10.0}},
+        window=(100 * S, 110 * S),  # the tenant's own window, as _announce_window sets it
     )
     Orchestrator._on_message(orch, tp, {"msg": "finished", "status": "ok", "counts": {"tokens": 1000, "requests": 10}})  # type: ignore[arg-type]
     assert tp.final_status == "ok"

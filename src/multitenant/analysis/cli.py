@@ -39,7 +39,7 @@ from multitenant.analysis.metrics import (
     newest_first,
     parse_slo,
 )
-from multitenant.analysis.sweep import OBJECTIVES, build_sweep, is_sweep
+from multitenant.analysis.sweep import OBJECTIVES, build_sweep, is_sweep, overrides_dict, short_key
 
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024  # show a progress bar when the logs are at least this big
 DEFAULT_SLO_TARGET = 0.9
@@ -102,29 +102,15 @@ def run_labels(run_overrides: dict[Path, list[str]]) -> dict[Path, str]:
         return {run_dirs[0]: run_dirs[0].resolve().name}
     resolved = [d.resolve() for d in run_dirs]
     common = Path(os.path.commonpath([str(d) for d in resolved]))
-    overrides = {d: _as_dict(run_overrides[d]) for d in run_dirs}
+    overrides = {d: overrides_dict(run_overrides[d]) for d in run_dirs}
     keys = sorted({k for o in overrides.values() for k in o})
     varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
     labels = {}
     for d, r in zip(run_dirs, resolved, strict=True):
         parts = list(r.relative_to(common).parts) or [r.name]
-        parts += [f"{_short_key(k)}={overrides[d][k]}".replace("/", "-") for k in varying if k in overrides[d]]
+        parts += [f"{short_key(k)}={overrides[d][k]}".replace("/", "-") for k in varying if k in overrides[d]]
         labels[d] = "__".join(parts)
     return labels
-
-
-def _short_key(key: str) -> str:
-    """An override's key as a label: its last part, after the tenant's name for a tenant's key
-    (``tenants.a.workload.duration_s`` -> ``a.duration_s``), so labels say whose it is."""
-    parts = key.lstrip("+~").split(".")
-    if parts[0] == "tenants" and len(parts) > 2:
-        return f"{parts[1]}.{parts[-1]}"
-    return parts[-1]
-
-
-def _as_dict(items: list[str]) -> dict[str, str]:
-    """``["split=70/30", ...]`` -> ``{"split": "70/30"}``; Hydra's own keys are left out."""
-    return dict(str(i).split("=", 1) for i in items if "=" in str(i) and not str(i).startswith("hydra."))
 
 
 def analyse(args: argparse.Namespace) -> int:

@@ -157,7 +157,7 @@ def estimate(values: Sequence[float | None], confidence: float = CONFIDENCE) -> 
 # Runs -> overrides, trial, headline values
 
 
-def _as_dict(items: Sequence[object]) -> dict[str, str]:
+def overrides_dict(items: Sequence[object]) -> dict[str, str]:
     """``["split=70/30", "+x=1"]`` -> ``{"split": "70/30", "x": "1"}``; Hydra's keys left out."""
     out: dict[str, str] = {}
     for item in items:
@@ -183,7 +183,7 @@ def run_overrides(rm: RunMetrics) -> dict[str, str]:
 
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
             items = loaded if isinstance(loaded, list) else []
-    return _as_dict(items)
+    return overrides_dict(items)
 
 
 def run_trial(rm: RunMetrics, overrides: dict[str, str]) -> int | None:

@@ -1,15 +1,28 @@
-"""The run <-> analysis contract: event kinds, statuses and schema versions.
+"""The run <-> analysis contract: event kinds, statuses, the manifest, the control messages
+between the orchestrator and its tenants, and the schema versions.
 
-Imported by both sides (``events``/``tenant``/``orchestrator`` write what it names,
-``analysis`` reads it), and by nothing else; it imports nothing, so analysis stays free of
-torch and vLLM. DESIGN.md ("Event log, schema v1") and docs/INTERFACES.md describe the fields.
+The run side writes these types (``run/``), the analysis reads them (``analysis/``); both import
+this module and nothing else of each other. It imports nothing of the package, so analysis stays
+free of torch and vLLM. docs/INTERFACES.md describes the fields.
+
+Statuses are ``str`` enums: they compare equal to their JSON text (``RunStatus.OK == "ok"``) and
+serialise as it, so files written before the enums existed read the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
 # Version of the event log (``run_start.schema``) and of manifest.json (``schema_version``).
 EVENT_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
+# Version of mt-analyze's summary.json (``schema_version`` at its top).
+SUMMARY_SCHEMA_VERSION = 1
 
 # Event kinds of schema v1, in the order a request normally produces them.
 EV_RUN_START = "run_start"
@@ -23,11 +36,32 @@ EV_ITER = "iter"
 EV_RUN_END = "run_end"
 EVENT_KINDS = (EV_RUN_START, EV_READY, EV_WINDOW, EV_SCHED, EV_SENT, EV_TOK, EV_DONE, EV_ITER, EV_RUN_END)
 
-# `done.status`: how one request ended.
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-STATUS_CANCELLED = "cancelled"
-REQUEST_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_CANCELLED)
+
+class RequestStatus(str, Enum):
+    """``done.status``: how one request ended."""
+
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class TenantStatus(str, Enum):
+    """``run_end.status`` and the ``finished`` message: how a tenant process ended."""
+
+    OK = "ok"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+
+
+class RunStatus(str, Enum):
+    """``manifest.json`` ``status``: how a run ended (``running`` while it runs, or when mt-run
+    was killed before it could say)."""
+
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
 
 # Optional `done` fields a serving engine adds (vLLM): its own per-request timestamps, integer
 # ns of the engine core's CLOCK_MONOTONIC, the same host clock as `t`. With `sent` and the first
@@ -42,14 +76,317 @@ DONE_ENGINE_FIELDS = (DONE_ENGINE_QUEUED, DONE_ENGINE_SCHEDULED, DONE_ENGINE_FIR
 DONE_USAGE_TOKENS = "usage_tokens"
 DONE_WARNING = "warning"
 
-# `run_end.status`: how a tenant process ended.
-TENANT_OK = "ok"
-TENANT_ERROR = "error"
-TENANT_INTERRUPTED = "interrupted"
 
-# `manifest.json` "status": how a run ended (``running`` while it runs).
-RUN_RUNNING = "running"
-RUN_OK = "ok"
-RUN_FAILED = "failed"
-RUN_INTERRUPTED = "interrupted"
-RUN_STATUSES = (RUN_RUNNING, RUN_OK, RUN_FAILED, RUN_INTERRUPTED)
+# ---------------------------------------------------------------------------------------------
+# Plain data <-> dataclasses
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """An instance of the dataclass ``cls`` from plain JSON data: keys it does not know are
+    ignored (a newer writer), keys it lacks take their defaults (an older writer); nested
+    dataclass fields (also ``X | None`` and ``dict[str, X]``) are converted too."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    kwargs: dict[str, Any] = {}
+    nested: dict[str, Any] = getattr(cls, "_nested", {})
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        inner = nested.get(f.name)
+        if inner is not None and value is not None:
+            if isinstance(inner, tuple):  # ("dict", cls): a mapping of name -> record
+                value = {str(k): from_dict(inner[1], v) for k, v in value.items()}
+            else:
+                value = from_dict(inner, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain JSON data of a dataclass (enums as their text)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest.json
+
+
+@dataclass
+class HostInfo:
+    hostname: str | None = None
+    platform: str | None = None
+    python: str | None = None
+    cpu_count: int | None = None
+
+
+@dataclass
+class GpuInfo:
+    """The GPU the run used, read from NVML at the start (never changed by the harness).
+    ``sm_count`` may come from a tenant that saw the whole GPU (``sm_count_source`` says so):
+    NVML has no SM-count query on some GPUs (H100)."""
+
+    index: int | None = None
+    name: str | None = None
+    uuid: str | None = None
+    sm_count: int | None = None
+    memory_total_bytes: int | None = None
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    compute_mode: str | None = None
+    mig_mode: str | None = None
+    persistence_mode: str | None = None
+    sm_count_source: str | None = None
+
+
+@dataclass
+class MpsStop:
+    clean: bool = True
+    actions: list[str] = field(default_factory=list)
+    left_pids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MpsRecord:
+    """The MPS control daemon of a run (modes mps, mps_external)."""
+
+    _nested: ClassVar[dict[str, Any]] = {"stop": MpsStop}
+
+    pipe_dir: str | None = None
+    log_dir: str | None = None
+    control_pid: int | None = None
+    server_pids: list[int] = field(default_factory=list)
+    external: bool = False
+    stop: MpsStop | None = None
+
+
+@dataclass
+class Window:
+    """The run's measured window as announced: ``t1_ns`` None while any tenant stops on a count."""
+
+    t0_ns: int | None = None
+    t1_ns: int | None = None
+
+
+@dataclass
+class TenantRecord:
+    """One tenant in the manifest: its spec, share, process and what it reported when ready.
+
+    ``identity``: what a solo baseline of this tenant must match (``config`` computes it from the
+    spec and the backend's declared ``identity`` options); analysis compares these.
+    """
+
+    pid: int | None = None
+    backend: str | None = None
+    model: str | None = None
+    task: str | None = None
+    execution: str | None = None
+    dtype: str | None = None
+    max_batch: int | None = None
+    device: str | None = None
+    cpu_threads: int | None = None  # mode=cpu only
+    share: dict[str, Any] = field(default_factory=dict)
+    share_applied: bool = False
+    effective_sms: int | None = None
+    mps_attached: bool | None = None
+    exit_code: int | None = None
+    load_s: float | None = None
+    warmup_s: float | None = None
+    child_pids: list[int] | None = None  # the tenant's descendants at ready (engine core, server)
+    mps_client_pids: list[int] | None = None  # which of the tenant and those are MPS clients
+    engine: dict[str, Any] | None = None  # the backend's engine_info()
+    identity: dict[str, Any] | None = None
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what ran, where, how it ended, and the window."""
+
+    _nested: ClassVar[dict[str, Any]] = {
+        "host": HostInfo,
+        "gpu": GpuInfo,
+        "mps": MpsRecord,
+        "tenants": ("dict", TenantRecord),
+        "window": Window,
+    }
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    run_id: str = ""
+    name: str = ""
+    status: RunStatus = RunStatus.RUNNING
+    reason: str | None = None
+    host: HostInfo = field(default_factory=HostInfo)
+    gpu: GpuInfo | None = None
+    packages: dict[str, str | None] = field(default_factory=dict)
+    mode: str | None = None
+    mps: MpsRecord | None = None
+    tenants: dict[str, TenantRecord] = field(default_factory=dict)
+    window: Window = field(default_factory=Window)
+    started_wall: str | None = None
+    ended_wall: str | None = None
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    argv: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+    trial: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, RunStatus):
+            try:
+                self.status = RunStatus(self.status)
+            except ValueError:
+                pass  # an unknown status stays text: the analysis warns about it
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        return from_dict(cls, data)
+
+    def to_json(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solo baselines
+
+
+def baseline_identity(tenant: Mapping[str, Any], mode: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What must be equal for a solo run to be this tenant's baseline (with the same GPU name,
+    which the analysis compares beside it).
+
+    ``tenant``: the tenant's config block as plain data (config.resolved.yaml); ``options``: the
+    options of its backend that change per-token performance and are set (``Backend.identity``).
+    model, backend, execution mode, dtype, task, batch limit and workload (its
+    ``start_delay_s`` left out: a staggered start changes when a tenant runs, not what), on the
+    CPU the tenant's ``cpu_threads``, and the backend's options under ``options`` when it has any
+    set. The run side records it per tenant in the manifest (``TenantRecord.identity``).
+    """
+    workload = dict(tenant.get("workload") or {})
+    workload.pop("start_delay_s", None)
+    identity: dict[str, Any] = {
+        "model": tenant.get("model"),
+        "backend": tenant.get("backend"),
+        "execution": tenant.get("execution"),
+        "dtype": tenant.get("dtype"),
+        "task": tenant.get("task"),
+        "max_batch": tenant.get("max_batch"),
+        "workload": workload,
+    }
+    if mode == "cpu":
+        # On the CPU the thread count is part of the tenant's performance.
+        identity["cpu_threads"] = tenant.get("cpu_threads")
+    if options:
+        identity["options"] = dict(options)
+    return identity
+
+
+# ---------------------------------------------------------------------------------------------
+# Control messages (JSON lines over the tenant's two pipes)
+
+
+@dataclass
+class Counts:
+    """A tenant's counts over its measured phase (``progress``, ``finished``, ``run_end``)."""
+
+    requests: int = 0
+    tokens: int = 0
+    errors: int = 0
+    cancelled: int = 0
+
+
+@dataclass
+class ReadyMsg:
+    """Tenant -> orchestrator: loaded and warmed up (then it waits for the window)."""
+
+    kind: ClassVar[str] = "ready"
+    load_s: float
+    warmup_s: float
+    pid: int
+    child_pids: list[int] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    device_name: str | None = None
+    sms: int | None = None
+    total_memory_bytes: int | None = None
+    probe_error: str | None = None
+
+
+@dataclass
+class ProgressMsg:
+    """Tenant -> orchestrator, every 0.5 s of its measured phase: counts so far at ``t``."""
+
+    _nested: ClassVar[dict[str, Any]] = {"counts": Counts}
+    kind: ClassVar[str] = "progress"
+    t: int
+    counts: Counts = field(default_factory=Counts)
+
+
+@dataclass
+class ErrorMsg:
+    """Tenant -> orchestrator: the tenant failed; ``error`` is the cause on one line."""
+
+    kind: ClassVar[str] = "error"
+    error: str
+
+
+@dataclass
+class FinishedMsg:
+    """Tenant -> orchestrator, last: how it ended and its counts over the measured phase."""
+
+    _nested: ClassVar[dict[str, Any]] = {"counts": Counts}
+    kind: ClassVar[str] = "finished"
+    status: TenantStatus
+    counts: Counts = field(default_factory=Counts)
+
+
+@dataclass
+class WindowCmd:
+    """Orchestrator -> tenant: your measured phase is [t0, t1] (t1 None: stop on your count)."""
+
+    kind: ClassVar[str] = "window"
+    t0: int
+    t1: int | None = None
+
+
+@dataclass
+class StopCmd:
+    """Orchestrator -> tenant: stop now (cancel what is in flight, write run_end, exit)."""
+
+    kind: ClassVar[str] = "stop"
+
+
+TENANT_MESSAGES: dict[str, type] = {m.kind: m for m in (ReadyMsg, ProgressMsg, ErrorMsg, FinishedMsg)}
+COMMANDS: dict[str, type] = {m.kind: m for m in (WindowCmd, StopCmd)}
+MESSAGE_KEY = "msg"  # tenant -> orchestrator lines: {"msg": kind, ...fields}
+COMMAND_KEY = "cmd"  # orchestrator -> tenant lines: {"cmd": kind, ...fields}
+
+Message = ReadyMsg | ProgressMsg | ErrorMsg | FinishedMsg
+Command = WindowCmd | StopCmd
+
+
+def encode(message: Message | Command) -> str:
+    """One JSON line (no newline) of a control message or command."""
+    key = COMMAND_KEY if isinstance(message, (WindowCmd, StopCmd)) else MESSAGE_KEY
+    return json.dumps({key: message.kind, **dataclasses.asdict(message)})
+
+
+def decode_message(line: bytes | str) -> Message:
+    """A tenant's message from one JSON line; ValueError for an unknown kind."""
+    data = json.loads(line)
+    cls = TENANT_MESSAGES.get(data.pop(MESSAGE_KEY, None))
+    if cls is None:
+        raise ValueError(f"unknown tenant message {line!r}")
+    msg: Message = from_dict(cls, data)
+    return msg
+
+
+def decode_command(line: bytes | str) -> Command:
+    """An orchestrator command from one JSON line; ValueError for an unknown kind."""
+    data = json.loads(line)
+    cls = COMMANDS.get(data.pop(COMMAND_KEY, None))
+    if cls is None:
+        raise ValueError(f"unknown command {line!r}")
+    cmd: Command = from_dict(cls, data)
+    return cmd

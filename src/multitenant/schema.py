@@ -5,8 +5,8 @@ The run side writes these types (``run/``), the analysis reads them (``analysis/
 this module and nothing else of each other. It imports nothing of the package, so analysis stays
 free of torch and vLLM. docs/INTERFACES.md describes the fields.
 
-Statuses are ``str`` enums: they compare equal to their JSON text (``RunStatus.OK == "ok"``) and
-serialise as it, so files written before the enums existed read the same.
+Statuses are named constants of their JSON text (``RunStatus.OK == "ok"``): plain strings, so
+numpy columns, f-strings and files written by older versions need no conversion.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from enum import Enum
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 # Version of the event log (``run_start.schema``) and of manifest.json (``schema_version``).
 EVENT_SCHEMA_VERSION = 1
@@ -37,30 +36,33 @@ EV_RUN_END = "run_end"
 EVENT_KINDS = (EV_RUN_START, EV_READY, EV_WINDOW, EV_SCHED, EV_SENT, EV_TOK, EV_DONE, EV_ITER, EV_RUN_END)
 
 
-class RequestStatus(str, Enum):
+class RequestStatus:
     """``done.status``: how one request ended."""
 
-    OK = "ok"
-    ERROR = "error"
-    CANCELLED = "cancelled"
+    OK: Final = "ok"
+    ERROR: Final = "error"
+    CANCELLED: Final = "cancelled"
+    ALL: Final = (OK, ERROR, CANCELLED)
 
 
-class TenantStatus(str, Enum):
+class TenantStatus:
     """``run_end.status`` and the ``finished`` message: how a tenant process ended."""
 
-    OK = "ok"
-    ERROR = "error"
-    INTERRUPTED = "interrupted"
+    OK: Final = "ok"
+    ERROR: Final = "error"
+    INTERRUPTED: Final = "interrupted"
+    ALL: Final = (OK, ERROR, INTERRUPTED)
 
 
-class RunStatus(str, Enum):
+class RunStatus:
     """``manifest.json`` ``status``: how a run ended (``running`` while it runs, or when mt-run
     was killed before it could say)."""
 
-    RUNNING = "running"
-    OK = "ok"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
+    RUNNING: Final = "running"
+    OK: Final = "ok"
+    FAILED: Final = "failed"
+    INTERRUPTED: Final = "interrupted"
+    ALL: Final = (RUNNING, OK, FAILED, INTERRUPTED)
 
 
 # Optional `done` fields a serving engine adds (vLLM): its own per-request timestamps, integer
@@ -215,7 +217,7 @@ class Manifest:
     schema_version: int = MANIFEST_SCHEMA_VERSION
     run_id: str = ""
     name: str = ""
-    status: RunStatus = RunStatus.RUNNING
+    status: str = RunStatus.RUNNING
     reason: str | None = None
     host: HostInfo = field(default_factory=HostInfo)
     gpu: GpuInfo | None = None
@@ -232,13 +234,6 @@ class Manifest:
     overrides: list[str] = field(default_factory=list)
     cache_dir: str | None = None
     trial: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.status, RunStatus):
-            try:
-                self.status = RunStatus(self.status)
-            except ValueError:
-                pass  # an unknown status stays text: the analysis warns about it
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
@@ -337,7 +332,7 @@ class FinishedMsg:
 
     _nested: ClassVar[dict[str, Any]] = {"counts": Counts}
     kind: ClassVar[str] = "finished"
-    status: TenantStatus
+    status: str  # TenantStatus
     counts: Counts = field(default_factory=Counts)
 
 
@@ -390,3 +385,11 @@ def decode_command(line: bytes | str) -> Command:
         raise ValueError(f"unknown command {line!r}")
     cmd: Command = from_dict(cls, data)
     return cmd
+
+
+# The pre-redesign names, until every module uses the enums (removed in the same change).
+STATUS_OK, STATUS_ERROR, STATUS_CANCELLED = RequestStatus.OK, RequestStatus.ERROR, RequestStatus.CANCELLED
+REQUEST_STATUSES = RequestStatus.ALL
+TENANT_OK, TENANT_ERROR, TENANT_INTERRUPTED = TenantStatus.OK, TenantStatus.ERROR, TenantStatus.INTERRUPTED
+RUN_RUNNING, RUN_OK, RUN_FAILED, RUN_INTERRUPTED = RunStatus.RUNNING, RunStatus.OK, RunStatus.FAILED, RunStatus.INTERRUPTED
+RUN_STATUSES = RunStatus.ALL

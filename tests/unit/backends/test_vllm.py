@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from multitenant import config as config_mod
+import multitenant.config.validate as config_mod
 from multitenant.backends.vllm import engine_args, engine_fields, kv_bytes_per_token
 from multitenant.config import ConfigError, validate
 from multitenant.schema import (

@@ -17,7 +17,7 @@ def compose_plain(config_name: str, overrides: list[str] | None = None) -> dict[
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from multitenant.config import register_configs
+    from multitenant.config.compose import register_configs
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONFIGS)):
@@ -25,6 +25,27 @@ def compose_plain(config_name: str, overrides: list[str] | None = None) -> dict[
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     return plain
+
+
+def typed(plain: dict[str, Any]) -> Any:
+    """A plain config as mt-run hands it on: unknown keys refused (ConfigError), then converted
+    once into the typed schema (``OmegaConf.to_object``)."""
+    from omegaconf import OmegaConf
+
+    from multitenant.config.compose import experiment_schema
+    from multitenant.config.validate import unknown_key_error
+
+    schema = experiment_schema()
+    if (err := unknown_key_error(plain, schema)) is not None:
+        raise err
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+
+
+def validate_plain(plain: dict[str, Any]) -> Any:
+    """``config.validate.validate`` of a plain config, the way mt-run reaches it: an Experiment."""
+    from multitenant.config.validate import validate
+
+    return validate(typed(plain))
 
 
 @pytest.fixture

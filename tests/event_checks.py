@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
+
+import orjson
+
+
+def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read an events file, skipping a truncated last line (what a crash can leave)."""
+    out: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # a partial last line: the writer died mid-write
+            out.append(orjson.loads(line))
+    return out
 
 
 def check_request_invariants(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

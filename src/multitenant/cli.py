@@ -22,7 +22,13 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from multitenant.schema import Manifest, RunStatus
+
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+# A run's manifest status -> mt-run's exit code (``running``: mt-run died without ending it).
+STATUS_EXIT_CODES = {
+    RunStatus.OK: EXIT_OK, RunStatus.FAILED: EXIT_FAILED, RunStatus.INTERRUPTED: EXIT_INTERRUPTED, RunStatus.RUNNING: EXIT_FAILED,
+}
 CONFIG_DIR_ENV = "MT_CONFIG_DIR"
 
 # Default layout of experiment folders; the user's own hydra.run.dir / hydra.sweep.dir win.
@@ -73,22 +79,25 @@ def _remove_empty_run_dir(run_dir: Path) -> None:
 
 
 def run_experiment_task(cfg: Any) -> int:
-    """Hydra task function: validate, then run one experiment in Hydra's output dir."""
+    """Hydra task function: convert the config once into typed objects, validate, then run one
+    experiment in Hydra's output dir."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from multitenant.config import ConfigError, unapplied_shares_warning, validate
-    from multitenant.orchestrator import Orchestrator, RunFailed
-    from multitenant.progress import LiveProgress
+    from multitenant.config.compose import experiment_schema
+    from multitenant.config.schema import ConfigError
+    from multitenant.config.validate import unknown_key_error, validate
+    from multitenant.run.orchestrator import Orchestrator, RunFailed
+    from multitenant.run.progress import LiveProgress
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _task_calls.append(str(run_dir))
     try:
-        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        assert isinstance(container, dict)
-        plain = validate({str(k): v for k, v in container.items()})
+        if (err := unknown_key_error(cfg, experiment_schema())) is not None:
+            raise err
+        experiment = validate(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except ConfigError as e:
         _fail_config(str(e))
         _remove_empty_run_dir(run_dir)
@@ -97,30 +106,27 @@ def run_experiment_task(cfg: Any) -> int:
         _fail_config(f"{type(e).__name__}: {str(e).splitlines()[0]}; fix the config or the override")
         _remove_empty_run_dir(run_dir)
         return EXIT_CONFIG
-    if (warning := unapplied_shares_warning(plain)) is not None:
+    if (warning := experiment.unapplied_shares_warning()) is not None:
         log.warning(warning)
-    if plain["active_thread_pct_sum"] > 100:
+    if experiment.share_pct_sum > 100:
         log.info(
-            "active_thread_pct sums to %d%% over the tenants: these are caps, not reservations",
-            plain["active_thread_pct_sum"],
+            "active_thread_pct sums to %d%% over the tenants: these are caps, not reservations", experiment.share_pct_sum
         )
-    overrides = list(hc.overrides.task)
-    orch = Orchestrator(plain, run_dir, sys.argv, overrides)
-    title = f"{plain['name']} ({plain['mode']})" + (
-        f" job {hc.job.num}" if hc.mode == RunMode.MULTIRUN else ""
-    )
+    orch = Orchestrator(experiment, run_dir, sys.argv, list(hc.overrides.task))
+    config = experiment.config
+    title = f"{config.name} ({config.mode})" + (f" job {hc.job.num}" if hc.mode == RunMode.MULTIRUN else "")
     try:
-        with LiveProgress(title, enabled=plain["progress"]) as progress:
+        with LiveProgress(title, enabled=config.progress) as progress:
             orch.progress = progress
             status = orch.run()
     except RunFailed as e:  # refused before anything started (existing run)
         _fail_config(str(e))
         return EXIT_CONFIG
-    reason = orch.manifest.get("reason")
+    reason = orch.manifest.reason
     print(f"mt-run: {status}: {run_dir}" + (f" — {reason}" if reason else ""), file=sys.stderr, flush=True)
-    code = {"ok": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[status]
+    code = STATUS_EXIT_CODES[status]
     _exit_codes.append(code)
-    if status == "interrupted":
+    if status == RunStatus.INTERRUPTED:
         raise KeyboardInterrupt  # stop a sweep too; the run itself is already cleaned up
     return code
 
@@ -303,13 +309,14 @@ def exit_code_from_manifests(sweep_dir: Path) -> int:
 
     A job folder without a manifest was refused by validation (exit 2); ``running`` means the
     job's process died without ending its run (exit 1)."""
+
     codes = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         manifest = job / "manifest.json"
         if not manifest.is_file():
             continue
-        status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
-        codes.append({"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED))
+        status = Manifest.from_json(json.loads(manifest.read_text(encoding="utf-8"))).status
+        codes.append(STATUS_EXIT_CODES.get(status, EXIT_FAILED))
     return max(codes) if codes else EXIT_CONFIG
 
 
@@ -321,7 +328,8 @@ def hydra_error_line(exc: BaseException, config_dir: Path) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    from multitenant.config import ExperimentConfig, unknown_key_error
+    from multitenant.config.compose import experiment_schema
+    from multitenant.config.validate import unknown_key_error
 
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the override {exc.override!r}: {str(exc).strip().splitlines()[0]}; quote it or fix its syntax"
@@ -336,7 +344,7 @@ def hydra_error_line(exc: BaseException, config_dir: Path) -> str:
         for part in str(key).split(".")[:-1]:
             leaf = leaf.setdefault(part, {})
         leaf[str(key).split(".")[-1]] = None
-        if (err := unknown_key_error(node, ExperimentConfig)) is not None:
+        if (err := unknown_key_error(node, experiment_schema())) is not None:
             return str(err)
     if isinstance(cause, OmegaConfBaseException) and key:
         msg = str(getattr(cause, "msg", "") or cause).strip().splitlines()[0]
@@ -371,7 +379,7 @@ def run_main() -> None:
     sys.stdout = _OutputThatNeverFails(sys.stdout)
     sys.stderr = _OutputThatNeverFails(sys.stderr)
 
-    from multitenant.config import register_configs
+    from multitenant.config.compose import register_configs
 
     if _config_name(sys.argv[1:]) is None and not any(a in _NO_CONFIG_FLAGS for a in sys.argv[1:]):
         # Without an experiment Hydra composes an empty config and fails on its first

@@ -158,13 +158,3 @@ class EventWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read an events file, skipping a truncated last line (what a crash can leave)."""
-    out: list[dict[str, Any]] = []
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # a partial last line: the writer died mid-write
-            out.append(orjson.loads(line))
-    return out

@@ -21,9 +21,9 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import numpy as np
+
+from multitenant.config.schema import ArrivalConfig, DatasetConfig
 
 NS_PER_S = 1_000_000_000
 
@@ -61,14 +61,15 @@ class RequestSource:
 
     BLOCK = 256  # requests drawn at a time when the prefetched ones run out
 
-    def __init__(self, dataset: dict[str, Any], vocab_size: int) -> None:
+    def __init__(self, dataset: DatasetConfig, vocab_size: int) -> None:
         self.dataset = dataset
         self.vocab_size = vocab_size
         self._jsonl: list[tuple[np.ndarray, int]] | None = None
-        if dataset["kind"] == "jsonl":
-            self._jsonl = load_jsonl_prompts(Path(dataset["path"]), dataset["output_len"], vocab_size)
+        if dataset.kind == "jsonl":
+            assert dataset.path is not None
+            self._jsonl = load_jsonl_prompts(Path(dataset.path), dataset.output_len, vocab_size)
         else:
-            seed = int(dataset.get("seed", 0))
+            seed = int(dataset.seed)
             # Three streams, so lengths and ids stay the same whatever the block boundaries.
             self._len_rng = np.random.default_rng([seed, 0])
             self._out_rng = np.random.default_rng([seed, 1])
@@ -82,8 +83,8 @@ class RequestSource:
         if self._jsonl is not None:
             return max(p.size for p, _ in self._jsonl), max(n for _, n in self._jsonl)
         return (
-            length_bounds(self.dataset["input_len"], self.dataset["range_ratio"])[1],
-            length_bounds(self.dataset["output_len"], self.dataset["range_ratio"])[1],
+            length_bounds(self.dataset.input_len, self.dataset.range_ratio)[1],
+            length_bounds(self.dataset.output_len, self.dataset.range_ratio)[1],
         )
 
     def prefetch(self, n: int) -> None:
@@ -105,8 +106,8 @@ class RequestSource:
                 self._next_rid += 1
             return
         ds = self.dataset
-        in_lo, in_hi = length_bounds(ds["input_len"], ds["range_ratio"])
-        out_lo, out_hi = length_bounds(ds["output_len"], ds["range_ratio"])
+        in_lo, in_hi = length_bounds(ds.input_len, ds.range_ratio)
+        out_lo, out_hi = length_bounds(ds.output_len, ds.range_ratio)
         lens_in = self._len_rng.integers(in_lo, in_hi + 1, size=k)
         lens_out = self._out_rng.integers(out_lo, out_hi + 1, size=k)
         # Ids below vocab_size; 0..2 are often special tokens, which is harmless with EOS ignored.
@@ -142,11 +143,13 @@ def load_jsonl_prompts(path: Path, default_output_len: int, vocab_size: int) -> 
     return out
 
 
-def arrival_gaps_s(arrival: dict[str, Any]) -> Iterator[float]:
+def arrival_gaps_s(arrival: ArrivalConfig) -> Iterator[float]:
     """Inter-arrival gaps in seconds for an open-loop process (infinite, seeded)."""
-    rate = float(arrival["rate"])
-    rng = random.Random(arrival.get("seed", 0))
-    kind = arrival["kind"]
+    if arrival.rate is None:
+        raise ValueError(f"{arrival.kind} arrivals need a rate")
+    rate = float(arrival.rate)
+    rng = random.Random(arrival.seed)
+    kind = arrival.kind
     if kind == "constant":
         while True:
             yield 1.0 / rate
@@ -154,7 +157,7 @@ def arrival_gaps_s(arrival: dict[str, Any]) -> Iterator[float]:
         while True:
             yield rng.expovariate(rate)
     elif kind == "gamma":
-        k = float(arrival["burstiness"])
+        k = float(arrival.burstiness)
         while True:
             yield rng.gammavariate(k, 1.0 / (rate * k))
     else:
@@ -162,7 +165,7 @@ def arrival_gaps_s(arrival: dict[str, Any]) -> Iterator[float]:
 
 
 def open_loop_schedule(
-    arrival: dict[str, Any], start_ns: int, max_requests: int | None, end_ns: int | None
+    arrival: ArrivalConfig, start_ns: int, max_requests: int | None, end_ns: int | None
 ) -> list[int]:
     """Absolute arrival times (ns) from ``start_ns``: the first request arrives at ``start_ns``,
     then one per gap, until ``max_requests`` are scheduled or the next arrival is past ``end_ns``.

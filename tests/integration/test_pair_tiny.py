@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from multitenant.events import read_events
+from tests.event_checks import read_events
 from tests.event_checks import check_request_invariants
 
 pytestmark = pytest.mark.slow

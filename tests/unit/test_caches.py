@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from multitenant.config import resolve_cache_dir
-from multitenant.orchestrator import CACHE_VARS, cache_env
+from multitenant.config.units import resolve_cache_dir
+from multitenant.run.orchestrator import CACHE_VARS, cache_env
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from multitenant.cli import hydra_error_line
-from multitenant.config import ExperimentConfig, TenantConfig
+from multitenant.config.schema import ExperimentConfig, TenantConfig
 
 
 def _composition_error(override: str) -> ConfigCompositionException:

@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
-from multitenant.config import ConfigError, apply_split, parse_pinned_mem_limit, validate
-from tests.conftest import compose_plain
+from multitenant.config.schema import ConfigError
+from multitenant.config.units import parse_pinned_mem_limit
+from multitenant.config.validate import apply_split
+from tests.conftest import compose_plain, typed
+from tests.conftest import validate_plain as validate
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,9 @@ def bad(cfg: dict[str, Any], path: str, value: Any) -> ConfigError:
 
 def test_example_configs_validate(pair: dict[str, Any], gpu_pair: dict[str, Any]) -> None:
     out = validate(copy.deepcopy(pair))
-    assert out["tenants"]["a"]["device"] == "cpu"
+    assert out.tenants["a"].config.device == "cpu"
     out = validate(copy.deepcopy(gpu_pair))
-    assert out["tenants"]["a"]["device"] == "cuda:0"
+    assert out.tenants["a"].config.device == "cuda:0"
 
 
 @pytest.mark.parametrize(
@@ -102,7 +105,7 @@ def test_trials_and_trial_are_checked(pair: dict[str, Any]) -> None:
     cfg = copy.deepcopy(pair)
     cfg.update(trials=3, trial=2, cache_dir="~/mt-cache")
     out = validate(cfg)
-    assert out["cache_dir"] == str(Path("~/mt-cache").expanduser().resolve())
+    assert out.config.cache_dir == str(Path("~/mt-cache").expanduser().resolve())
 
 
 def test_tenant_needs_a_stop_condition(pair: dict[str, Any]) -> None:
@@ -162,19 +165,19 @@ def test_share_sum_over_100_is_allowed(gpu_pair: dict[str, Any]) -> None:
     cfg["tenants"]["a"]["share"]["active_thread_pct"] = 80
     cfg["tenants"]["b"]["share"]["active_thread_pct"] = 80
     out = validate(cfg)
-    assert out["active_thread_pct_sum"] == 160
+    assert out.share_pct_sum == 160
 
 
 def test_split_spreads_percentages_in_order(gpu_pair: dict[str, Any]) -> None:
     cfg = copy.deepcopy(gpu_pair)
     cfg["split"] = "70/30"
     out = validate(cfg)
-    assert [t["share"]["active_thread_pct"] for t in out["tenants"].values()] == [70, 30]
+    assert [t.config.share.active_thread_pct for t in out.tenants.values()] == [70, 30]
     for split in ("70", "70/30/10", "a/b"):
         cfg = copy.deepcopy(gpu_pair)
         cfg["split"] = split
         with pytest.raises(ConfigError, match="^split"):
-            apply_split(cfg)
+            apply_split(typed(cfg))
 
 
 @pytest.mark.parametrize(
@@ -203,12 +206,10 @@ def test_lengths_must_fit_the_position_table(pair: dict[str, Any]) -> None:
 
 
 def test_shares_outside_mps_are_named_in_one_warning(pair: dict[str, Any]) -> None:
-    from multitenant.config import unapplied_shares_warning
-
     cfg = copy.deepcopy(pair)
-    assert unapplied_shares_warning(validate(copy.deepcopy(cfg))) is None  # cpu mode, no shares
+    assert validate(copy.deepcopy(cfg)).unapplied_shares_warning() is None  # cpu mode, no shares
     cfg["split"] = "70/30"
-    warning = unapplied_shares_warning(validate(copy.deepcopy(cfg)))
+    warning = validate(copy.deepcopy(cfg)).unapplied_shares_warning()
     assert warning is not None and "\n" not in warning
     assert "a.active_thread_pct=70" in warning and "b.active_thread_pct=30" in warning and "mode=mps" in warning
 
@@ -251,7 +252,7 @@ def test_jsonl_dataset_is_read_fully_before_start(pair: dict[str, Any], tmp_path
 def test_a_tenant_spec_can_be_added_from_the_command_line() -> None:
     # The README's form: +tenant@tenants.<name>=<spec in configs/tenant/>.
     cfg = validate(compose_plain("multitenant/pair_tiny", ["+tenant@tenants.c=tiny_llama_cpu", "tenants.c.max_batch=2"]))
-    assert list(cfg["tenants"]) == ["a", "b", "c"]
-    assert cfg["tenants"]["c"]["model"] == cfg["tenants"]["a"]["model"] and cfg["tenants"]["c"]["max_batch"] == 2
+    assert list(cfg.tenants) == ["a", "b", "c"]
+    assert cfg.tenants["c"].config.model == cfg.tenants["a"].config.model and cfg.tenants["c"].config.max_batch == 2
     solo = validate(compose_plain("solo/tiny_llama", ["+tenant@tenants.extra=tiny_llama_cpu"]))
-    assert len(solo["tenants"]) == 2
+    assert len(solo.tenants) == 2

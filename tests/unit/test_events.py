@@ -13,7 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from multitenant.events import EventLogError, EventWriter, read_events
+from multitenant.events import EventLogError, EventWriter
+from tests.event_checks import read_events
 
 
 def test_lines_are_whole_json_in_order(tmp_path: Path) -> None:

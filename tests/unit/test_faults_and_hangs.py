@@ -1,4 +1,4 @@
-"""MT_FAULT parsing (multitenant.faults) and the orchestrator's hang detection, without processes."""
+"""MT_FAULT parsing (multitenant.run.faults) and the orchestrator's hang detection, without processes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from multitenant import orchestrator
-from multitenant.faults import Fault, from_env
-from multitenant.orchestrator import Orchestrator
+from multitenant.run import tenants as tenants_mod
+from multitenant.run.faults import Fault, from_env
+from multitenant.run.orchestrator import Orchestrator
 
 S = 1_000_000_000
 
@@ -34,16 +34,16 @@ def hang_check(tmp_path: Path, delay_s: float, silent_s: float, monkeypatch: pyt
     """_kill_hung_tenant for one tenant whose window began 10 s ago (plus its start delay) and
     that last sent something ``silent_s`` ago."""
     killed: list[Any] = []
-    monkeypatch.setattr(orchestrator.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(tenants_mod.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
     now = time.monotonic_ns()
     orch = Orchestrator.__new__(Orchestrator)
-    orch.cfg = {"hang_timeout_s": 5.0}
+    orch.config = SimpleNamespace(hang_timeout_s=5.0)  # type: ignore[assignment]
     orch.window = (now - 10 * S, None)
     (tmp_path / "stderr.log").write_text("serving\n")
     tp = SimpleNamespace(
-        name="b", cfg={"workload": {"start_delay_s": delay_s}}, exit_code=None, popen=SimpleNamespace(pid=4242),
+        name="b", exit_code=None, popen=SimpleNamespace(pid=4242),
         last_msg_ns=now - int(silent_s * S), stderr_path=tmp_path / "stderr.log", state="running",
-        window=(orch.window[0] + int(delay_s * S), None),  # its own phase, as _announce_window sets it
+        window=(orch.window[0] + int(delay_s * S), None),  # its own phase, as the announcement sets it
     )  # fmt: skip
     orch.tenants = {"b": tp}  # type: ignore[dict-item]
     return orch._kill_hung_tenant(), killed

@@ -12,29 +12,35 @@ from typing import Any
 
 from rich.console import Console
 
-from multitenant.progress import LiveProgress, rate_text, state_text, window_text
+from multitenant.run.progress import LiveProgress, rate_text, state_text, window_text
 
 S = 1_000_000_000
 
 
-def tenant(progress: dict[str, Any], task: str = "generate", delay_s: float = 0.0) -> Any:
-    return SimpleNamespace(progress=progress, cfg={"task": task, "workload": {"start_delay_s": delay_s}})
+def tenant(progress: dict[str, Any], task: str = "generate", delay_s: float = 0.0, t0: int | None = 100 * S) -> Any:
+    """A tenant as the progress view sees it: its own window (common t0 + its delay), its last
+    counts and their time."""
+    from multitenant.schema import Counts
+
+    counts = Counts(tokens=progress.get("tokens", 0), requests=progress.get("requests", 0)) if progress else None
+    window = None if t0 is None else (t0 + int(delay_s * S), t0 + 10 * S)
+    return SimpleNamespace(
+        counts=counts, progress_t_ns=progress.get("t"), window=window, tenant=SimpleNamespace(config=SimpleNamespace(task=task))
+    )
 
 
 def test_rate_counts_from_the_tenants_window_start_and_ignores_warm_up_messages() -> None:
-    orch = SimpleNamespace(window=(100 * S, 110 * S))
     # The last message before the window still carries warm-up counts: no rate from it.
-    assert rate_text(orch, tenant({"t": 99 * S, "tokens": 5000, "requests": 10})) == ""
+    assert rate_text(tenant({"t": 99 * S, "tokens": 5000, "requests": 10})) == ""
     # In the window the counts start again from zero (the tenant resets them at t0).
-    assert rate_text(orch, tenant({"t": 102 * S, "tokens": 400, "requests": 4})) == "200.0 tok/s"
-    assert rate_text(orch, tenant({"t": 102 * S, "tokens": 400, "requests": 4}, delay_s=1.0)) == "400.0 tok/s"
-    assert rate_text(orch, tenant({"tokens": 400})) == "", "a message without t gives no rate"
-    assert rate_text(SimpleNamespace(window=None), tenant({"t": 102 * S, "tokens": 1})) == ""
+    assert rate_text(tenant({"t": 102 * S, "tokens": 400, "requests": 4})) == "200.0 tok/s"
+    assert rate_text(tenant({"t": 102 * S, "tokens": 400, "requests": 4}, delay_s=1.0)) == "400.0 tok/s"
+    assert rate_text(tenant({"tokens": 400})) == "", "a message without t gives no rate"
+    assert rate_text(tenant({"t": 102 * S, "tokens": 1}, t0=None)) == ""
 
 
 def test_forward_tenants_show_sequences_per_second() -> None:
-    orch = SimpleNamespace(window=(100 * S, 110 * S))
-    assert rate_text(orch, tenant({"t": 104 * S, "tokens": 0, "requests": 20}, task="forward")) == "5.0 seq/s"
+    assert rate_text(tenant({"t": 104 * S, "tokens": 0, "requests": 20}, task="forward")) == "5.0 seq/s"
 
 
 def test_window_text_never_runs_past_the_window() -> None:
@@ -102,7 +108,7 @@ def test_log_lines_during_the_live_table_leave_no_stale_lines() -> None:
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.INFO)
-    a = SimpleNamespace(progress={}, cfg={"task": "generate", "workload": {}}, state="loading", final_status=None)
+    a = SimpleNamespace(counts=None, progress_t_ns=None, window=None, state="loading", final_status=None)
     orch = SimpleNamespace(tenants={"a": a}, window=None)
     try:
         with LiveProgress("pair_tiny (cpu)", console=console) as live:
@@ -126,15 +132,13 @@ def test_log_lines_during_the_live_table_leave_no_stale_lines() -> None:
 def test_final_counts_keep_a_rate_over_the_whole_measured_phase() -> None:
     # The tenant's last message ("finished") carries the whole phase's counts but no time: the
     # rate is counted to the tenant's window end (the final table showed no rate before).
-    from multitenant.orchestrator import Orchestrator
+    from multitenant.run.tenants import TenantProc
+    from multitenant.schema import Counts, FinishedMsg
 
-    orch = SimpleNamespace(window=(100 * S, 110 * S))
-    tp = SimpleNamespace(
-        progress={"t": 109 * S, "tokens": 900, "requests": 9},
-        final_status=None,
-        cfg={"task": "generate", "workload": {"start_delay_s": 0.0, "duration_s": 10.0}},
-        window=(100 * S, 110 * S),  # the tenant's own window, as _announce_window sets it
-    )
-    Orchestrator._on_message(orch, tp, {"msg": "finished", "status": "ok", "counts": {"tokens": 1000, "requests": 10}})  # type: ignore[arg-type]
+    tp = TenantProc.__new__(TenantProc)
+    tp.tenant = SimpleNamespace(name="a", config=SimpleNamespace(task="generate"))  # type: ignore[assignment]
+    tp.window = (100 * S, 110 * S)  # the tenant's own window, as the announcement sets it
+    tp.counts, tp.progress_t_ns, tp.final_status = Counts(tokens=900, requests=9), 109 * S, None
+    tp.on_message(FinishedMsg(status="ok", counts=Counts(tokens=1000, requests=10)))
     assert tp.final_status == "ok"
-    assert rate_text(orch, tp) == "100.0 tok/s"
+    assert rate_text(tp) == "100.0 tok/s"

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from multitenant.backends import Completion, Emission, EngineFailed, Iteration, Progress
-from multitenant.events import EventWriter, read_events
-from multitenant.tenant import RequestLoop, TenantStopped
+from multitenant.backends.base import Completion, Emission, EngineFailed, Iteration, Progress
+from multitenant.config.schema import ArrivalConfig, DatasetConfig
+from multitenant.events import EventWriter
+from tests.event_checks import read_events
+from multitenant.run.tenant import RequestLoop, TenantStopped
 from multitenant.workload import RequestSource, RequestSpec
 from tests.event_checks import check_request_invariants
 
@@ -134,7 +136,7 @@ class ThreadedEngine:
 def run_loop(tmp_path: Path, arrival: dict[str, Any], task: str = "generate", max_batch: int = 4,
              duration_s: float | None = None, n: int | None = None, stop_after_s: float | None = None,
              eng: Any = None) -> tuple[list[dict[str, Any]], RequestLoop, Any]:
-    ds = {"kind": "random", "input_len": 8, "output_len": 5, "range_ratio": 0.5, "seed": 0}
+    ds = DatasetConfig(kind="random", input_len=8, output_len=5, range_ratio=0.5, seed=0)
     eng = eng if eng is not None else ScriptedEngine(task=task, max_batch=max_batch)
     stop = threading.Event()
     w = EventWriter(tmp_path / "events.jsonl", background_flush=False)
@@ -144,7 +146,7 @@ def run_loop(tmp_path: Path, arrival: dict[str, Any], task: str = "generate", ma
     t0 = time.monotonic_ns() + 20_000_000
     end = t0 + int(duration_s * 1e9) if duration_s else None
     try:
-        loop.serve(arrival, t0, end, n)
+        loop.serve(ArrivalConfig(**arrival), t0, end, n)
     finally:
         w.close()
         if hasattr(eng, "close"):
@@ -156,8 +158,8 @@ def test_closed_loop_count(tmp_path: Path) -> None:
     events, loop, eng = run_loop(tmp_path, {"kind": "closed", "concurrency": 4}, n=10)
     per = check_request_invariants(events)
     assert len(per) == 10 and all(r["done"]["status"] == "ok" for r in per.values())
-    assert loop.counts["requests"] == 10
-    assert loop.counts["tokens"] == sum(r["tok"] for r in per.values())
+    assert loop.counts.requests == 10
+    assert loop.counts.tokens == sum(r["tok"] for r in per.values())
     assert max(eng.batches) <= 4
     # Closed loop: sched == sent (issued the moment a slot frees).
     assert all(r["sched"]["t"] == r["sent"]["t"] for r in per.values())
@@ -170,7 +172,7 @@ def test_open_loop_keeps_intended_times_and_order(tmp_path: Path) -> None:
     gaps = {b - a for a, b in zip(scheds, scheds[1:], strict=False)}
     # 1/400 s = 2.5 ms exactly, whatever the loop was doing when they came due.
     assert gaps <= {2_500_000, 2_499_999, 2_500_001}
-    assert loop.counts["requests"] == 40
+    assert loop.counts.requests == 40
 
 
 def test_duration_cancels_in_flight(tmp_path: Path) -> None:
@@ -178,7 +180,7 @@ def test_duration_cancels_in_flight(tmp_path: Path) -> None:
     per = check_request_invariants(events)
     statuses = Counter(r["done"]["status"] for r in per.values())
     assert statuses["cancelled"] >= 1 and statuses["ok"] >= 1
-    assert loop.counts["cancelled"] == statuses["cancelled"]
+    assert loop.counts.cancelled == statuses["cancelled"]
 
 
 def test_stop_cancels_in_flight_and_raises(tmp_path: Path) -> None:
@@ -211,13 +213,13 @@ def test_a_failed_request_is_logged_and_the_tenant_keeps_serving(tmp_path: Path)
     per = check_request_invariants(events)
     errors = {rid: r["done"] for rid, r in per.items() if r["done"]["status"] == "error"}
     assert sorted(errors) == [1, 3] and all(d["error"] == "rejected by the engine" for d in errors.values())
-    assert len(per) == 8 and loop.counts["requests"] == 6 and loop.counts["errors"] == 2
+    assert len(per) == 8 and loop.counts.requests == 6 and loop.counts.errors == 2
 
 
 def test_events_of_a_threaded_engine_stay_in_time_order(tmp_path: Path) -> None:
     events, loop, _ = run_loop(tmp_path, {"kind": "poisson", "rate": 300.0, "seed": 4}, n=60, eng=ThreadedEngine())
     per = check_request_invariants(events)  # asserts t never decreases in the file
-    assert len(per) == 60 and loop.counts["requests"] == 60
+    assert len(per) == 60 and loop.counts.requests == 60
     # Engine fields of a completion reach the done event.
     assert all("engine_first_tok_ns" in r["done"] for r in per.values())
 

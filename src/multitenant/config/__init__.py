@@ -7,20 +7,3 @@ analysis) may use them; ``compose`` and ``validate`` sit above the backends, who
 they read. This file imports none of them, so importing ``multitenant.config.schema`` never
 pulls in the backends.
 """
-
-# The pre-redesign interface, until the typed core replaces it (removed in the same change).
-from multitenant.config.validate import (  # noqa: E402,F401
-    ConfigError,
-    ExperimentConfig,
-    OpenAIOptions,
-    TenantConfig,
-    apply_split,
-    device_index,
-    parse_mem_bytes,
-    parse_pinned_mem_limit,
-    register_configs,
-    resolve_cache_dir,
-    unapplied_shares_warning,
-    unknown_key_error,
-    validate,
-)

@@ -21,7 +21,8 @@ from rich.live import Live
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from multitenant.orchestrator import Orchestrator
+    from multitenant.run.orchestrator import Orchestrator
+    from multitenant.run.tenants import TenantProc
 
 
 class LiveProgress:
@@ -71,10 +72,9 @@ class LiveProgress:
     def _rows(self, orch: Orchestrator) -> list[tuple[str, str, str, str, str]]:
         rows = []
         for name, tp in orch.tenants.items():
-            p = tp.progress
-            toks = int(p.get("tokens", 0))
-            reqs = int(p.get("requests", 0))
-            rows.append((name, state_text(tp.state, tp.final_status), str(reqs), str(toks), rate_text(orch, tp)))
+            toks = tp.counts.tokens if tp.counts is not None else 0
+            reqs = tp.counts.requests if tp.counts is not None else 0
+            rows.append((name, state_text(tp.state, tp.final_status), str(reqs), str(toks), rate_text(tp)))
         return rows
 
     def _window_text(self, orch: Orchestrator) -> str:
@@ -107,20 +107,19 @@ def state_text(state: str, final_status: str | None) -> str:
     return state
 
 
-def rate_text(orch: Orchestrator, tp: Any) -> str:
+def rate_text(tp: TenantProc) -> str:
     """Measured-phase rate: the counts of the tenant's last progress message over the time from
     the tenant's own window start to that message (its ``t``). The tenant resets its counts at
     its window start, so messages from before it (warm-up counts) give no rate; tokens/s for
     generate tenants, sequences/s for forward (encoder) tenants."""
-    if orch.window is None or "t" not in tp.progress:
+    if tp.window is None or tp.counts is None or tp.progress_t_ns is None:
         return ""
-    t0 = orch.window[0] + int(float(tp.cfg["workload"].get("start_delay_s") or 0.0) * 1e9)
-    elapsed_s = (int(tp.progress["t"]) - t0) / 1e9
+    elapsed_s = (tp.progress_t_ns - tp.window[0]) / 1e9
     if elapsed_s <= 0:
         return ""
-    if tp.cfg.get("task") == "forward":
-        return f"{int(tp.progress.get('requests', 0)) / elapsed_s:.1f} seq/s"
-    return f"{int(tp.progress.get('tokens', 0)) / elapsed_s:.1f} tok/s"
+    if tp.tenant.config.task == "forward":
+        return f"{tp.counts.requests / elapsed_s:.1f} seq/s"
+    return f"{tp.counts.tokens / elapsed_s:.1f} tok/s"
 
 
 def window_text(window: tuple[int, int | None] | None, now_ns: int) -> str:

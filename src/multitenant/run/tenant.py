@@ -3,15 +3,17 @@
 Started by the orchestrator as its own OS process (never a thread, never a fork after CUDA
 init: one CUDA context each)::
 
-    python -m multitenant.tenant --spec tenants/<name>/spec.json --ctl-in FD --ctl-out FD
+    python -m multitenant.run.tenant --spec tenants/<name>/spec.json --ctl-in FD --ctl-out FD
 
-Lifecycle: ``run_start`` -> load the engine (``backends.make_engine``: hf, vllm or openai) -> warm up (compile/capture, then ``warmup_requests``
-served closed-loop) -> ``ready`` (to the log and to the orchestrator) -> wait for the window
-announcement -> ``window`` -> serve the measured stream until its stop condition -> ``run_end``.
+Lifecycle: ``run_start`` -> build the engine (the backend's factory named in the spec) and load
+it -> warm up (compile/capture, then ``warmup_requests`` served closed-loop) -> ``ready`` (to the
+log and to the orchestrator) -> wait for the window announcement -> ``window`` -> serve the
+measured stream until its stop condition -> ``run_end``.
 
-Control channel (JSON lines over two pipes): tenant -> orchestrator ``ready``, ``progress``,
-``error``; orchestrator -> tenant ``window`` {t0, t1} and ``stop``. End-of-file on the command
-pipe means the orchestrator is gone: the tenant stops as on SIGTERM, so it never outlives it.
+Control channel (JSON lines over two pipes, ``schema``'s message types): tenant -> orchestrator
+``ReadyMsg``, ``ProgressMsg``, ``ErrorMsg``, ``FinishedMsg``; orchestrator -> tenant
+``WindowCmd`` {t0, t1} and ``StopCmd``. End-of-file on the command pipe means the orchestrator
+is gone: the tenant stops as on SIGTERM, so it never outlives it.
 
 ``MT_FAULT`` (``faults.py``) injects a crash or a full disk for the fault-injection suite
 (``tests/faults/``); unset, as in every real run, nothing is injected.
@@ -29,8 +31,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import gc
-import json
 import math
 import os
 import signal
@@ -43,9 +45,11 @@ from typing import Any
 
 import psutil
 
-from multitenant.backends import Completion, Emission, Engine, EngineFailed, Iteration, make_engine
+from multitenant.backends.base import Completion, Emission, Engine, EngineFailed, Iteration
+from multitenant.config.schema import ArrivalConfig, WorkloadConfig
 from multitenant.events import EventLogError, EventWriter
-from multitenant.faults import from_env as fault_from_env
+from multitenant.run.faults import from_env as fault_from_env
+from multitenant.run.spec import TenantSpec, import_path
 from multitenant.schema import (
     EV_DONE,
     EV_ITER,
@@ -57,12 +61,18 @@ from multitenant.schema import (
     EV_TOK,
     EV_WINDOW,
     EVENT_SCHEMA_VERSION,
-    STATUS_CANCELLED,
-    STATUS_ERROR,
-    STATUS_OK,
-    TENANT_ERROR,
-    TENANT_INTERRUPTED,
-    TENANT_OK,
+    Counts,
+    ErrorMsg,
+    FinishedMsg,
+    Message,
+    ProgressMsg,
+    ReadyMsg,
+    RequestStatus,
+    StopCmd,
+    TenantStatus,
+    WindowCmd,
+    decode_command,
+    encode,
 )
 from multitenant.workload import RequestSource, RequestSpec, open_loop_schedule
 
@@ -96,24 +106,24 @@ class ControlChannel:
         self._out = os.fdopen(fd_out, "w", buffering=1)
         self._in = os.fdopen(fd_in, "r")
         self._stop = stop
-        self.window: dict[str, Any] | None = None
+        self.window: WindowCmd | None = None
         self._window_set = threading.Event()
         self._thread = threading.Thread(target=self._read_loop, name="control-reader", daemon=True)
         self._thread.start()
 
-    def send(self, msg: str, **fields: Any) -> None:
+    def send(self, msg: Message) -> None:
         try:
-            self._out.write(json.dumps({"msg": msg, **fields}) + "\n")
+            self._out.write(encode(msg) + "\n")
         except (BrokenPipeError, ValueError):
             self._stop.set()
 
     def _read_loop(self) -> None:
         for line in self._in:
-            cmd = json.loads(line)
-            if cmd.get("cmd") == "window":
+            cmd = decode_command(line)
+            if isinstance(cmd, WindowCmd):
                 self.window = cmd
                 self._window_set.set()
-            elif cmd.get("cmd") == "stop":
+            elif isinstance(cmd, StopCmd):
                 self._request_stop()
         # EOF: the orchestrator closed the pipe or died. Stop like on SIGTERM.
         self._request_stop()
@@ -124,7 +134,7 @@ class ControlChannel:
         os.kill(os.getpid(), signal.SIGTERM)
         self._window_set.set()
 
-    def wait_window(self, timeout_s: float) -> dict[str, Any]:
+    def wait_window(self, timeout_s: float) -> WindowCmd:
         if not self._window_set.wait(timeout_s) or self.window is None:
             raise TenantStopped("no window announced")
         return self.window
@@ -158,19 +168,19 @@ class RequestLoop:
         self.task = task
         self.stop = stop
         self.ctl = ctl
-        self.counts = {"requests": 0, "tokens": 0, "errors": 0, "cancelled": 0}
+        self.counts = Counts()
         self._iter = 0
         self._last_progress_ns = 0
 
     def serve(
         self,
-        arrival: dict[str, Any],
+        arrival: ArrivalConfig,
         start_ns: int,
         end_ns: int | None,
         max_requests: int | None,
     ) -> None:
-        closed = arrival["kind"] == "closed"
-        concurrency = arrival.get("concurrency") or 1
+        closed = not arrival.open_loop
+        concurrency = arrival.concurrency or 1
         schedule: list[int] = [] if closed else open_loop_schedule(arrival, start_ns, max_requests, end_ns)
         n_sched = len(schedule)
         next_sched = 0  # index into schedule of the next arrival whose sched is not yet written
@@ -218,7 +228,10 @@ class RequestLoop:
                     w.emit(EV_DONE, t, rid=rid, n_out=got, status=status)
                 else:
                     w.emit(EV_DONE, t, rid=rid, n_out=got, status=status, error=error)
-                counts["cancelled" if status == STATUS_CANCELLED else "errors"] += 1
+                if status == RequestStatus.CANCELLED:
+                    counts.cancelled += 1
+                else:
+                    counts.errors += 1
 
         global _polling_stop
         wait_until(start_ns, self.stop)
@@ -228,10 +241,10 @@ class RequestLoop:
             while True:
                 admit(now)
                 if self.stop.is_set():
-                    end_all(now, STATUS_CANCELLED)
+                    end_all(now, RequestStatus.CANCELLED)
                     raise TenantStopped("stop requested")
                 if end_ns is not None and now >= end_ns:
-                    end_all(now, STATUS_CANCELLED)
+                    end_all(now, RequestStatus.CANCELLED)
                     return
                 if not in_flight:
                     if closed and max_requests is not None and issued >= max_requests:
@@ -247,7 +260,7 @@ class RequestLoop:
                 try:
                     progress = engine.poll(max(wake, 0.0))
                 except EngineFailed as e:
-                    end_all(time.monotonic_ns(), STATUS_ERROR, f"engine failed: {e}")
+                    end_all(time.monotonic_ns(), RequestStatus.ERROR, f"engine failed: {e}")
                     raise
                 for ev in progress.events:
                     if next_sched < n_sched:
@@ -265,7 +278,7 @@ class RequestLoop:
                             if not rids:
                                 continue
                         w.emit(EV_TOK, ev.t_ns, rid=rids, n=ns)
-                        counts["tokens"] += sum(ns)
+                        counts.tokens += sum(ns)
                     elif type(ev) is Completion:
                         entry = in_flight.pop(ev.rid, None)
                         if entry is None:
@@ -274,7 +287,10 @@ class RequestLoop:
                         if ev.error is not None:
                             extra = {"error": ev.error, **extra}
                         w.emit(EV_DONE, ev.t_ns, rid=ev.rid, n_out=entry[1], status=ev.status, **extra)
-                        counts["requests" if ev.status == STATUS_OK else "errors"] += 1
+                        if ev.status == RequestStatus.OK:
+                            counts.requests += 1
+                        else:
+                            counts.errors += 1
                     elif type(ev) is Iteration:
                         w.emit(EV_ITER, ev.t_ns, i=self._iter, batch=ev.batch, dur_ns=ev.dur_ns)
                         self._iter += 1
@@ -286,7 +302,8 @@ class RequestLoop:
     def _progress(self, t: int) -> None:
         if self.ctl is not None and t - self._last_progress_ns >= PROGRESS_INTERVAL_NS:
             self._last_progress_ns = t
-            self.ctl.send("progress", t=t, **self.counts)  # t: the live rate is counted from it
+            # t: the live rate is counted from it; a copy: the loop goes on counting in its own
+            self.ctl.send(ProgressMsg(t=t, counts=dataclasses.replace(self.counts)))
 
 
 def wait_until(t_ns: int, stop: threading.Event) -> None:
@@ -300,40 +317,39 @@ def wait_until(t_ns: int, stop: threading.Event) -> None:
         time.sleep(min(left / 1e9 - 0.001, 0.05) if left > 2_000_000 else 0)
 
 
-def expected_requests(workload: dict[str, Any]) -> int:
+def expected_requests(workload: WorkloadConfig) -> int:
     """How many requests the tenant will likely take (warm-up included): what to prefetch."""
-    arrival = workload["arrival"]
-    n = workload["num_requests"]
-    if arrival["kind"] != "closed" and workload["duration_s"] is not None:
-        estimate = math.ceil(arrival["rate"] * workload["duration_s"] * 1.25) + 16
+    arrival = workload.arrival
+    n = workload.num_requests
+    if arrival.open_loop and workload.duration_s is not None and arrival.rate is not None:
+        estimate = math.ceil(arrival.rate * workload.duration_s * 1.25) + 16
         n = estimate if n is None else min(n, estimate)
     if n is None:  # closed loop that stops on time: no estimate, the source draws more in blocks
         n = 1024
-    return min(n + workload["warmup_requests"], PREFETCH_MAX)
+    return min(n + workload.warmup_requests, PREFETCH_MAX)
 
 
-def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading.Event) -> int:
-    """Run one tenant from its spec (plain data written by the orchestrator). Returns exit code."""
-    t_cfg = spec["tenant"]
-    wl = t_cfg["workload"]
-    writer = EventWriter(spec["events_path"])
+def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Event) -> int:
+    """Run one tenant from its spec (written by the orchestrator). Returns the exit code."""
+    t_cfg = spec.tenant
+    wl = t_cfg.workload
+    writer = EventWriter(spec.events_path)
     writer.emit(
         EV_RUN_START,
-        tenant=spec["name"],
-        backend=t_cfg["backend"],
-        model=t_cfg["model"],
+        tenant=spec.name,
+        backend=t_cfg.backend,
+        model=t_cfg.model,
         pid=os.getpid(),
         wall_ns=time.time_ns(),
         schema=EVENT_SCHEMA_VERSION,
     )
     loop: RequestLoop | None = None
     engine: Engine | None = None
-    status, code = TENANT_OK, 0
+    status, code = TenantStatus.OK, 0
     try:
-        max_in, max_out = RequestSource(wl["dataset"], vocab_size=2**31).max_lengths()
-        spec = {**spec, "max_input_len": max_in, "max_output_len": max_out}
-        engine = make_engine(spec, Path(spec["events_path"]).parent)
-        fault = fault_from_env(spec["name"])  # None unless MT_FAULT names this tenant (tests/faults)
+        engine = import_path(spec.engine)(spec.engine_context(Path(spec.events_path).parent))
+        assert engine is not None
+        fault = fault_from_env(spec.name)  # None unless MT_FAULT names this tenant (tests/faults)
         if fault is not None:
             fault.load(writer)
         t_load = time.monotonic_ns()
@@ -341,70 +357,66 @@ def run_tenant(spec: dict[str, Any], ctl: ControlChannel | None, stop: threading
         load_s = (time.monotonic_ns() - t_load) / 1e9
         t_warm = time.monotonic_ns()
         engine.warmup()
-        source = RequestSource(wl["dataset"], vocab_size=engine.vocab_size)
+        source = RequestSource(wl.dataset, vocab_size=engine.vocab_size)
         source.prefetch(expected_requests(wl))  # prompts exist before the window, not inside it
-        loop = RequestLoop(engine, writer, source, t_cfg["task"], stop, ctl)
-        if wl["warmup_requests"] > 0:
-            loop.serve(
-                {"kind": "closed", "concurrency": t_cfg["max_batch"]},
-                time.monotonic_ns(),
-                None,
-                wl["warmup_requests"],
-            )
+        loop = RequestLoop(engine, writer, source, t_cfg.task, stop, ctl)
+        if wl.warmup_requests > 0:
+            warmup_arrival = ArrivalConfig(kind="closed", concurrency=t_cfg.max_batch)
+            loop.serve(warmup_arrival, time.monotonic_ns(), None, wl.warmup_requests)
         warmup_s = (time.monotonic_ns() - t_warm) / 1e9
         info = engine.device_info()
         engine_info = engine.engine_info()
         child_pids = _child_pids()
-        writer.emit(
-            EV_READY, load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), sms=info.get("sms"), device=info.get("device_name")
-        )
+        writer.emit(EV_READY, load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), sms=info.sms, device=info.device_name)
         writer.flush()
         # What exists now lives to the end of the run: keep the collector away from it (a full
         # collection walks every object, and the serving loop must not pay for that).
         gc.collect()
         gc.freeze()
         if ctl is None:  # standalone run (tests, debugging): the window starts now
-            window: dict[str, Any] = {"t0": time.monotonic_ns(), "t1": None}
+            window = WindowCmd(t0=time.monotonic_ns(), t1=None)
         else:
             ctl.send(
-                "ready", load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), child_pids=child_pids, engine=engine_info, **info
-            )
-            window = ctl.wait_window(timeout_s=spec["window_timeout_s"])
-        t0 = int(window["t0"])
-        t1 = window.get("t1")
-        writer.emit(EV_WINDOW, t0=t0, t1=t1)
+                ReadyMsg(
+                    load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), child_pids=child_pids, engine=engine_info,
+                    device=info.device, device_name=info.device_name, sms=info.sms,
+                    total_memory_bytes=info.total_memory_bytes, probe_error=info.probe_error,
+                )
+            )  # fmt: skip
+            window = ctl.wait_window(timeout_s=spec.window_timeout_s)
+        writer.emit(EV_WINDOW, t0=window.t0, t1=window.t1)
         if fault is not None:
-            fault.window(t0, writer)
-        loop.counts = {k: 0 for k in loop.counts}  # run_end counts the measured phase only
-        loop.serve(wl["arrival"], t0, t1, wl["num_requests"])
+            fault.window(window.t0, writer)
+        loop.counts = Counts()  # run_end counts the measured phase only
+        loop.serve(wl.arrival, window.t0, window.t1, wl.num_requests)
     except TenantStopped:
         _defer_stops()
-        status, code = TENANT_INTERRUPTED, 0
+        status, code = TenantStatus.INTERRUPTED, 0
     except Exception as e:
         _defer_stops()
-        status, code = TENANT_ERROR, 1
+        status, code = TenantStatus.ERROR, 1
         traceback.print_exc()
-        _report_failure(spec["name"], e, ctl)
+        _report_failure(spec.name, e, ctl)
     finally:
         _defer_stops()
         if engine is not None:
             try:
                 engine.close()
             except Exception as e:  # closing must not hide the run's own outcome
-                print(f"tenant {spec['name']}: engine close failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        counts = loop.counts if loop is not None else {}
+                print(f"tenant {spec.name}: engine close failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        counts = loop.counts if loop is not None else Counts()
         # A log that broke (full disk) takes no run_end; where it broke was reported, unless
         # that was this last flush: then the run's record is incomplete and the tenant failed.
         with contextlib.suppress(EventLogError):
-            writer.emit(EV_RUN_END, status=status, counts=counts)
+            writer.emit(EV_RUN_END, status=status, counts=dataclasses.asdict(counts))
         try:
             writer.close()
         except EventLogError as e:
             if code == 0:
-                status, code = TENANT_ERROR, 1
-                _report_failure(spec["name"], e, ctl)
+                status, code = TenantStatus.ERROR, 1
+                _report_failure(spec.name, e, ctl)
         if ctl is not None:
-            ctl.send("finished", status=status, counts=counts)
+            ctl.send(FinishedMsg(status=status, counts=counts))
     return code
 
 
@@ -414,7 +426,7 @@ def _report_failure(name: str, e: BaseException, ctl: ControlChannel | None) -> 
     cause = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
     print(f"tenant {name} failed: {cause}", file=sys.stderr, flush=True)
     if ctl is not None:
-        ctl.send("error", error=cause)
+        ctl.send(ErrorMsg(error=cause))
 
 
 def _child_pids() -> list[int]:
@@ -426,13 +438,12 @@ def _child_pids() -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multitenant.tenant", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m multitenant.run.tenant", description=__doc__.split("\n")[0])
     parser.add_argument("--spec", required=True, help="spec.json written by the orchestrator")
     parser.add_argument("--ctl-in", type=int, help="fd of the command pipe (orchestrator -> tenant)")
     parser.add_argument("--ctl-out", type=int, help="fd of the message pipe (tenant -> orchestrator)")
     args = parser.parse_args(argv)
-    with open(args.spec, encoding="utf-8") as f:
-        spec = json.load(f)
+    spec = TenantSpec.read(args.spec)
     stop = threading.Event()
 
     def on_sigterm(signum: int, frame: object) -> None:

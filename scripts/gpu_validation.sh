@@ -46,7 +46,7 @@ leftovers() {  # what survived run $1: must be nothing
   local tenants mps apps
   # Zombies do not count: on the lent VM, PID 1 does not reap the MPS daemon's intermediate fork.
   # Tenants, their vLLM engine cores and workers, launched servers.
-  tenants=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep -E "multitenant.tenant|VLLM::|vllm serve|api_server" | grep -v grep || true)
+  tenants=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep -E "multitenant.run.tenant|VLLM::|vllm serve|api_server" | grep -v grep || true)
   mps=$(ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/' | grep "nvidia-cuda-mps" | grep -v grep || true)
   apps=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null || true)
   printf '%s\ttenants=[%s]\tmps=[%s]\tgpu_apps=[%s]\n' "$1" "$tenants" "$mps" "$apps" | tee -a "$LOG"

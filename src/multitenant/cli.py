@@ -22,6 +22,18 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from multitenant.cli_args import (
+    NO_CONFIG_FLAGS,
+    PRINT_FLAGS,
+    config_name_of,
+    config_problem,
+    duplicate_key_error,
+    existing_run_dir,
+    hydra_error_line,
+    usage,
+    with_default_overrides,
+    with_trials,
+)
 from multitenant.schema import Manifest, RunStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -30,19 +42,6 @@ STATUS_EXIT_CODES = {
     RunStatus.OK: EXIT_OK, RunStatus.FAILED: EXIT_FAILED, RunStatus.INTERRUPTED: EXIT_INTERRUPTED, RunStatus.RUNNING: EXIT_FAILED,
 }
 CONFIG_DIR_ENV = "MT_CONFIG_DIR"
-
-# Default layout of experiment folders; the user's own hydra.run.dir / hydra.sweep.dir win.
-# Microseconds in the name: two runs started in the same second never share a folder.
-DEFAULT_HYDRA_OVERRIDES = (
-    "hydra.run.dir=${output_root}/${name}/${now:%Y%m%d-%H%M%S-%f}",
-    "hydra.sweep.dir=${output_root}/${name}/sweep-${now:%Y%m%d-%H%M%S-%f}",
-    # Job folders by number only: override values such as split=70/30 contain '/'.
-    "hydra.sweep.subdir=job${hydra.job.num}",
-    "hydra.job.name=mt-run",  # Hydra's own log: <run_dir>/mt-run.log
-    "hydra/help=mt_run",  # --help says what modes, shares and workloads are (configs/hydra/help)
-    # The sweep folder, for the exit code of jobs that ran in other processes (submitit).
-    "+hydra.callbacks.mt_sweep_status._target_=multitenant.cli.SweepStatus",
-)
 
 _exit_codes: list[int] = []
 _task_calls: list[str] = []  # one entry per job Hydra started
@@ -89,6 +88,7 @@ def run_experiment_task(cfg: Any) -> int:
     from multitenant.config.schema import ConfigError
     from multitenant.config.validate import unknown_key_error, validate
     from multitenant.run.orchestrator import Orchestrator, RunFailed
+    from multitenant.run.preflight import gpu_problem
     from multitenant.run.progress import LiveProgress
 
     hc = HydraConfig.get()
@@ -106,12 +106,16 @@ def run_experiment_task(cfg: Any) -> int:
         _fail_config(f"{type(e).__name__}: {str(e).splitlines()[0]}; fix the config or the override")
         _remove_empty_run_dir(run_dir)
         return EXIT_CONFIG
-    if (warning := experiment.unapplied_shares_warning()) is not None:
-        log.warning(warning)
-    if experiment.share_pct_sum > 100:
-        log.info(
-            "active_thread_pct sums to %d%% over the tenants: these are caps, not reservations", experiment.share_pct_sum
+    if experiment.device_index is not None and (problem := gpu_problem(experiment.device_index)) is not None:
+        _fail_config(
+            f"{experiment.config.name} needs a GPU (mode={experiment.config.mode}, device={experiment.config.device}) "
+            f"but {problem}; run it on a GPU machine, or run a CPU experiment here (mt-run alone lists them), "
+            "e.g. --config-name multitenant/pair_tiny"
         )
+        _remove_empty_run_dir(run_dir)
+        return EXIT_CONFIG
+    for warning in experiment.warnings:
+        log.warning(warning)
     orch = Orchestrator(experiment, run_dir, sys.argv, list(hc.overrides.task))
     config = experiment.config
     title = f"{config.name} ({config.mode})" + (f" job {hc.job.num}" if hc.mode == RunMode.MULTIRUN else "")
@@ -129,64 +133,6 @@ def run_experiment_task(cfg: Any) -> int:
     if status == RunStatus.INTERRUPTED:
         raise KeyboardInterrupt  # stop a sweep too; the run itself is already cleaned up
     return code
-
-
-def duplicate_key_error(path: Path) -> str | None:
-    """One line naming a key given twice in one mapping of ``path`` (e.g. two tenants both
-    called ``a``), or None. YAML would keep only the last one; OmegaConf refuses with a
-    traceback; this says which key, where, and what to do."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                where = "tenant name" if _is_tenants_block(node, key) else "key"
-                raise ValueError(
-                    f"{path}:{key_node.start_mark.line + 1}: {where} {key!r} appears twice "
-                    f"(first on line {seen[key]}); give each its own name"
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return loader.construct_mapping(node, deep=deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    try:
-        yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
-    except ValueError as e:
-        return str(e)
-    except yaml.YAMLError:
-        return None  # other YAML problems: Hydra reports them with their position
-    return None
-
-
-def _is_tenants_block(node: Any, key: Any) -> bool:
-    # Heuristic for the message only: tenant entries are mappings with a model or workload.
-    return any(
-        getattr(k, "value", None) == key and any(getattr(kk, "value", None) in ("model", "workload") for kk, _ in getattr(v, "value", []) or [])
-        for k, v in node.value
-    )
-
-
-def _config_name(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg in ("--config-name", "-cn") and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config-name="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _existing_run_dir(argv: list[str]) -> Path | None:
-    for arg in argv:
-        if arg.startswith("hydra.run.dir="):
-            d = Path(arg.split("=", 1)[1])
-            if (d / "manifest.json").exists():
-                return d
-    return None
 
 
 class _OutputThatNeverFails(io.TextIOBase):
@@ -243,57 +189,6 @@ class _OutputThatNeverFails(io.TextIOBase):
         return True
 
 
-def _is_override(arg: str) -> bool:
-    return "=" in arg and not arg.startswith("-")
-
-
-def with_default_overrides(args: list[str]) -> list[str]:
-    """``args`` with DEFAULT_HYDRA_OVERRIDES (those the user did not give) among the overrides.
-
-    They go right after the user's last override, or after ``--config-name X`` when there is
-    none: appended at the end they would become the value of a trailing ``--info`` (whose value
-    is optional), and before the user's overrides argparse would reject those.
-    """
-    given = {a.split("=", 1)[0] for a in args if _is_override(a)}
-    defaults = [o for o in DEFAULT_HYDRA_OVERRIDES if o.split("=", 1)[0] not in given]
-    at = len(args)
-    overrides = [i for i, a in enumerate(args) if _is_override(a)]
-    if overrides:
-        at = overrides[-1] + 1
-    else:
-        for i, a in enumerate(args):
-            if a in ("--config-name", "-cn") and i + 1 < len(args):
-                at = i + 2
-            elif a.startswith("--config-name="):
-                at = i + 1
-    return args[:at] + defaults + args[at:]
-
-
-def with_trials(args: list[str]) -> list[str]:
-    """``trials=N`` (N > 1) as a sweep: ``trial=range(0,N)`` becomes the first sweep override
-    and ``-m`` is added if missing.
-
-    Hydra's basic sweeper runs the product of the sweep overrides with the first one outermost,
-    so with ``trial`` first every trial is one whole pass over the points (``split=90/10,50/50
-    trials=2`` runs 90/10, 50/50, 90/10, 50/50): slow drift (clocks, temperature, a neighbour
-    on the host) spreads over all points instead of landing on the last ones. ``trials`` itself
-    stays an override, so it is in every job's config. A ``trial=`` the user gives is kept.
-    """
-    values = [a.split("=", 1)[1] for a in args if _is_override(a) and a.split("=", 1)[0].lstrip("+") == "trials"]
-    if not values or any(_is_override(a) and a.split("=", 1)[0].lstrip("+") == "trial" for a in args):
-        return args
-    if not values[-1].strip().isdigit():
-        return args  # not a whole number: validation names it (exit 2)
-    n = int(values[-1])
-    if n <= 1:
-        return args
-    first = next(i for i, a in enumerate(args) if _is_override(a))
-    out = args[:first] + [f"trial=range(0,{n})"] + args[first:]
-    if not any(a in ("-m", "--multirun") for a in out):
-        out = ["-m", *out]
-    return out
-
-
 class SweepStatus(Callback):
     """A Hydra callback that notes the sweep folder, so the exit code of a sweep whose jobs ran
     in other processes (the submitit launchers) comes from the jobs' manifests."""
@@ -320,58 +215,6 @@ def exit_code_from_manifests(sweep_dir: Path) -> int:
     return max(codes) if codes else EXIT_CONFIG
 
 
-def hydra_error_line(exc: BaseException, config_dir: Path) -> str:
-    """One line for a config Hydra could not compose: the field, the problem, the fix.
-
-    Hydra wraps OmegaConf's error (which knows the full key) in its own; an unknown key gets
-    the closest key of the schema, as a ``+key=value`` typo does in validation."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    from multitenant.config.compose import experiment_schema
-    from multitenant.config.validate import unknown_key_error
-
-    if isinstance(exc, OverrideParseException):
-        return f"cannot parse the override {exc.override!r}: {str(exc).strip().splitlines()[0]}; quote it or fix its syntax"
-    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-        return f"no config {exc.missing_cfg_file!r} under {config_dir}; run mt-run alone to list the experiments"
-    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    key = getattr(cause, "full_key", None)
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-        node: dict[str, Any] = {}
-        leaf = node
-        for part in str(key).split(".")[:-1]:
-            leaf = leaf.setdefault(part, {})
-        leaf[str(key).split(".")[-1]] = None
-        if (err := unknown_key_error(node, experiment_schema())) is not None:
-            return str(err)
-    if isinstance(cause, OmegaConfBaseException) and key:
-        msg = str(getattr(cause, "msg", "") or cause).strip().splitlines()[0]
-        return f"{key}: {msg} ({first.lower()}); give it a value of the field's type"
-    return f"{first}; fix the config or the override"
-
-
-# Hydra's own flags that need no experiment config (help, completion).
-_NO_CONFIG_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc")
-
-
-def usage(config_dir: Path) -> str:
-    """A short usage with the experiment configs that exist (what ``mt-run`` alone prints)."""
-    names = sorted(
-        f"{group}/{p.stem}" for group in ("solo", "multitenant") for p in (config_dir / group).glob("*.yaml")
-    )
-    return "\n".join(
-        [
-            "usage: mt-run --config-name EXPERIMENT [OVERRIDE ...]      one run",
-            "       mt-run -m --config-name EXPERIMENT KEY=A,B [...]    a sweep (one run per value)",
-            "e.g.   mt-run --config-name multitenant/pair_tiny tenants.a.workload.duration_s=10",
-            f"experiments in {config_dir}:",
-            *(f"  {n}" for n in names),
-        ]
-    )
-
-
 def run_main() -> None:
     """Console entry point of ``mt-run``."""
     import hydra
@@ -381,12 +224,12 @@ def run_main() -> None:
 
     from multitenant.config.compose import register_configs
 
-    if _config_name(sys.argv[1:]) is None and not any(a in _NO_CONFIG_FLAGS for a in sys.argv[1:]):
+    if config_name_of(sys.argv[1:]) is None and not any(a in NO_CONFIG_FLAGS for a in sys.argv[1:]):
         # Without an experiment Hydra composes an empty config and fails on its first
         # interpolation with a long traceback: say what to run instead.
         print(f"mt-run: error: no experiment given (--config-name)\n{usage(find_config_dir())}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    if (existing := _existing_run_dir(sys.argv[1:])) is not None:
+    if (existing := existing_run_dir(sys.argv[1:])) is not None:
         print(
             f"mt-run: error: hydra.run.dir={existing} already holds a run (never overwritten); choose a new folder",
             file=sys.stderr,
@@ -394,7 +237,7 @@ def run_main() -> None:
         sys.exit(EXIT_CONFIG)
     register_configs()
     config_dir = find_config_dir()
-    name = _config_name(sys.argv[1:])
+    name = config_name_of(sys.argv[1:])
     if name is not None:
         primary = config_dir / (name if name.endswith(".yaml") else f"{name}.yaml")
         if primary.is_file() and (err := duplicate_key_error(primary)) is not None:
@@ -418,7 +261,7 @@ def run_main() -> None:
         if user_wants_traceback or not (composing or not _task_calls):
             raise
         # In a sweep, a later job's config can fail after earlier jobs ran: keep the worst code.
-        print(f"mt-run: error: {hydra_error_line(e, config_dir)}", file=sys.stderr)
+        print(f"mt-run: error: {hydra_error_line(e, config_dir, name)}", file=sys.stderr)
         sys.exit(max([EXIT_CONFIG, *_exit_codes]))
     except SystemExit as e:
         # Hydra reports a config it cannot compose (unknown key, wrong type, missing file) on
@@ -426,6 +269,11 @@ def run_main() -> None:
         if e.code not in (0, None) and not _task_calls:
             sys.exit(EXIT_CONFIG)
         raise
+    # --cfg/--resolve print the composed config and run nothing: still say whether it would run.
+    printed = not _task_calls and name is not None and any(a in PRINT_FLAGS or a.startswith("--cfg=") for a in sys.argv[1:])
+    if printed and name is not None and (problem := config_problem(config_dir, name, sys.argv[1:])) is not None:
+        print(f"mt-run: error: the config printed above would not run: {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     # Hydra instantiates the callback from its import path: under `python -m multitenant.cli`
     # that is another module object than this __main__, so read the class from there.
     from multitenant.cli import SweepStatus as callback

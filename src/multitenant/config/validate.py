@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from collections.abc import Mapping
@@ -103,6 +104,20 @@ class Experiment:
             f"mode={self.config.mode} does not apply MPS shares; ignoring {', '.join(given)} "
             "(use mode=mps to apply them; the manifest records share_applied: false)"
         )
+
+    @property
+    def warnings(self) -> list[str]:
+        """What mt-run says at the start about settings it accepts but that are likely mistakes."""
+        out = [w for w in (self.unapplied_shares_warning(),) if w is not None]
+        if self.share_pct_sum > 100:
+            out.append(f"active_thread_pct sums to {self.share_pct_sum}% over the tenants: these are caps, not reservations")
+        for name, t in self.tenants.items():
+            if t.device_index is None and t.config.dtype == "float16" and t.backend.name != "openai":
+                out.append(
+                    f"tenants.{name}.dtype=float16 on the CPU: most CPUs have no float16 math, so it runs far slower "
+                    "than float32 or bfloat16 and measures the emulation"
+                )
+        return out
 
 
 def unknown_key_error(node: Any, schema: type, where: str = "") -> ConfigError | None:
@@ -240,6 +255,13 @@ def _validate_tenant(name: str, t: TenantConfig, c: ExperimentConfig) -> Tenant:
     if t.task == "forward" and t.execution == "graphs":
         raise fail(f"{w}.execution", "graphs is for generate tenants", "use execution=eager for task=forward")
     _positive(f"{w}.cpu_threads", t.cpu_threads, "thread count")
+    cores = os.cpu_count() or 1
+    if c.mode == "cpu" and t.cpu_threads > cores:
+        raise fail(
+            f"{w}.cpu_threads",
+            f"{t.cpu_threads} threads but this machine has {cores} logical cores: they would share cores and measure that",
+            f"use at most {cores}",
+        )
     _validate_workload(f"{w}.workload", t.workload)
     max_in, max_out = _max_lengths(f"{w}.workload.dataset", t)
     _validate_lengths(w, t, max_in, max_out)

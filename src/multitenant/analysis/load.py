@@ -36,6 +36,8 @@ from multitenant.schema import MANIFEST_SCHEMA_VERSION, Manifest, TenantRecord
 # the main process ate the gain (benchmarks/RESULTS.md), so there it parses serially.
 PARALLEL_MIN_BYTES = 32 * 1024 * 1024
 PARALLEL_MIN_CORES = 4
+# RunData.status of a manifest without one.
+UNKNOWN_STATUS = "unknown"
 
 
 @dataclass
@@ -59,7 +61,7 @@ class RunData:
 
     @property
     def status(self) -> str:
-        return str(self.manifest.status or "unknown")
+        return str(self.manifest.status or UNKNOWN_STATUS)
 
     @property
     def mode(self) -> str | None:
@@ -114,6 +116,9 @@ def read_manifest(run_dir: Path) -> Manifest:
             f"{path}: unknown schema_version {version!r} (this mt-analyze reads {MANIFEST_SCHEMA_VERSION}); "
             "analyse it with the multitenant version that wrote it"
         )
+    if "status" not in data:
+        # Not mt-run's (it writes a status from the start): say so rather than take the default.
+        data["status"] = UNKNOWN_STATUS
     try:
         return Manifest.from_json(data)
     except (TypeError, AttributeError) as e:

@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=None, help="reuse a run folder kept by --keep")
     args = ap.parse_args()
 
-    from multitenant.analysis import plots, report
+    from multitenant.analysis import plots, report, summary
     from multitenant.analysis.load import PARALLEL_MIN_CORES, load_runs
     from multitenant.analysis.metrics import compute_run
 
@@ -145,8 +145,8 @@ def main() -> None:
     labels = {id(rm): "bench"}
 
     def outputs() -> None:
-        report.write_summary_json([rm], out_dir / "summary.json")  # type: ignore[list-item]
-        report.write_requests_csv([rm], out_dir / "requests.csv")  # type: ignore[list-item]
+        summary.write_summary_json([rm], out_dir / "summary.json")  # type: ignore[list-item]
+        summary.write_requests_csv([rm], out_dir / "requests.csv")  # type: ignore[list-item]
         (out_dir / "summary.md").write_text(report.markdown([rm], labels))  # type: ignore[list-item]
         report.write_html([rm], labels, {}, [], colors, out_dir / "report.html")  # type: ignore[list-item]
 

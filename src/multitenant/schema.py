@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
 # Version of the event log (``run_start.schema``) and of manifest.json (``schema_version``).
@@ -385,6 +385,96 @@ def decode_command(line: bytes | str) -> Command:
         raise ValueError(f"unknown command {line!r}")
     cmd: Command = from_dict(cls, data)
     return cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.json (mt-analyze)
+
+
+@dataclass
+class TenantSummary:
+    """One tenant of one run in summary.json. Latencies (``<metric>_ms``) are statistics in ms:
+    mean, std, p50, p90, p95, p99, p99.9, each null without a sample. ``requests`` = completed +
+    errors + cancelled + incomplete. ``np_definition``: ``throughput`` or, for an open-loop
+    tenant, ``e2e`` (NP = solo_e2e_mean_ms / colocated_e2e_mean_ms). ``ttft_split``: null unless
+    the tenant logged a serving engine's timestamps."""
+
+    requests: int = 0
+    errors: int = 0
+    output_tokens: int = 0
+    throughput_tok_s: float | None = None
+    ttft_ms: dict[str, float | None] = field(default_factory=dict)
+    ttft_sched_ms: dict[str, float | None] = field(default_factory=dict)
+    queue_ms: dict[str, float | None] = field(default_factory=dict)
+    tpot_ms: dict[str, float | None] = field(default_factory=dict)
+    itl_ms: dict[str, float | None] = field(default_factory=dict)
+    e2e_ms: dict[str, float | None] = field(default_factory=dict)
+    slo_attainment: float | None = None
+    goodput_req_s: float | None = None
+    np: float | None = None
+    slowdown: dict[str, float | None] | None = None
+    task: str = "generate"
+    throughput_unit: str = "tok/s"
+    completed: int = 0
+    cancelled: int = 0
+    incomplete: int = 0
+    solo_throughput: float | None = None
+    np_definition: str | None = None
+    solo_e2e_mean_ms: float | None = None
+    colocated_e2e_mean_ms: float | None = None
+    baseline_run_dir: str | None = None
+    baseline_trials: int | None = None
+    ttft_split: dict[str, Any] | None = None
+
+
+@dataclass
+class AggregateSummary:
+    """A run's aggregate figures: summed throughput in the window and the naive one (all measured
+    tokens / (latest last token - earliest measured send)), and the interference figures."""
+
+    gpu_throughput_tok_s: float | None = None
+    gpu_throughput_naive_tok_s: float | None = None
+    stp: float | None = None
+    antt: float | None = None
+    fairness: float | None = None
+    jain: float | None = None
+
+
+@dataclass
+class RunSummary:
+    """One run in summary.json."""
+
+    _nested: ClassVar[dict[str, Any]] = {"tenants": ("dict", TenantSummary), "aggregate": AggregateSummary}
+
+    run_dir: str = ""
+    run_id: str = ""
+    status: str = RunStatus.OK
+    mode: str | None = None
+    window_ns: list[int] | None = None
+    tenants: dict[str, TenantSummary] = field(default_factory=dict)
+    aggregate: AggregateSummary = field(default_factory=AggregateSummary)
+    name: str = ""
+    gpu: str | None = None
+    window_s: float | None = None
+    slo_ms: dict[str, float] | None = None
+    missing_baselines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """``summary.json``: every analysed run. ``schema`` is the file's version as first written
+    (kept for the tools that read it); ``schema_version`` is SUMMARY_SCHEMA_VERSION."""
+
+    schema_version: int = SUMMARY_SCHEMA_VERSION
+    schema: int = 1
+    runs: list[RunSummary] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Summary:
+        out = from_dict(cls, {k: v for k, v in data.items() if k != "runs"})
+        out.runs = [from_dict(RunSummary, run) for run in data.get("runs") or []]
+        return out
 
 
 # The pre-redesign names, until every module uses the enums (removed in the same change).

@@ -1,29 +1,23 @@
 """``mt-analyze``: experiment folders -> exact metrics, plots, a report and a trace.
 
-Stages, one module each, data flowing one way:
-``load`` (folders -> columns) -> ``metrics`` (DESIGN.md's definitions) ->
-``report`` (summary.json, requests.csv, summary.md, terminal, report.html), ``plots``
-(matplotlib, Agg) and ``trace`` (Chrome/Perfetto trace.json); several runs also go through
-``sweep`` (points, means and confidence intervals over trials, the best point under an SLO) to
-``sweep_report`` (sweep.csv, sweep.json, terminal, report section) and ``sweep_plots``;
-``cli`` wires them together.
+Stages, data flowing one way (each module one job; none imports a later stage):
 
-Nothing here imports torch: analysis runs on a laptop long after the GPU is gone.
+1. Reading: ``discover`` (run folders under a path, runs beside a run, a run's tenants) ->
+   ``parse`` (the ``events.jsonl`` parser, with ``tokblock``'s vectorised ``tok`` lines, and the
+   ``telemetry.jsonl`` parser) into ``columns`` (``TenantLog``, ``Telemetry``) -> ``load``
+   (``RunData``: the typed ``schema.Manifest``, config.resolved.yaml, the columns).
+2. Metrics (DESIGN.md's definitions, names in ``names``): ``requests`` (the per-request table and
+   the latency sample) -> ``metrics`` (per tenant and per run: windows, throughput, latency
+   statistics from ``stats``, SLO attainment) -> ``baselines`` (solo baseline matching by
+   baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain).
+3. Outputs: ``report`` (terminal, summary.md, report.html), ``summary`` (summary.json as
+   ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg) and ``trace``
+   (Chrome/Perfetto trace.json). Several runs also go through ``sweep`` (points, estimates over
+   trials from ``stats``, the best point under an SLO, rate limits) and ``sweep_cost`` (the
+   measured share of wall time) to ``sweep_report`` (sweep.csv, sweep.json, terminal, report
+   section) and ``sweep_plots``.
+
+``cli`` wires them together. Nothing here imports torch or vLLM: analysis runs on a laptop long
+after the GPU is gone; this package module imports nothing, so ``import multitenant.analysis``
+stays cheap.
 """
-
-from multitenant.analysis.load import AnalysisError, RunData, TenantLog, find_run_dirs, load_run, load_runs
-from multitenant.analysis.metrics import RunMetrics, TenantMetrics, apply_baselines, compute_run, parse_slo
-
-__all__ = [
-    "AnalysisError",
-    "RunData",
-    "RunMetrics",
-    "TenantLog",
-    "TenantMetrics",
-    "apply_baselines",
-    "compute_run",
-    "find_run_dirs",
-    "load_run",
-    "load_runs",
-    "parse_slo",
-]

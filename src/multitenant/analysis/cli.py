@@ -18,28 +18,13 @@ import os
 import sys
 from pathlib import Path
 
-from multitenant.analysis.load import (
-    AnalysisError,
-    RunData,
-    TenantLog,
-    find_beside,
-    find_run_dirs,
-    load_runs,
-    read_config,
-    read_manifest,
-    tenant_names,
-)
-from multitenant.analysis.metrics import (
-    RunMetrics,
-    SloError,
-    apply_baselines,
-    baseline_trials,
-    choose_baseline,
-    compute_run,
-    newest_first,
-    parse_slo,
-)
-from multitenant.analysis.sweep import OBJECTIVES, build_sweep, is_sweep, overrides_dict, short_key
+from multitenant.analysis.baselines import apply_baselines, baseline_trials, choose_baseline, newest_first
+from multitenant.analysis.columns import AnalysisError, TenantLog
+from multitenant.analysis.discover import find_beside, find_run_dirs, tenant_names
+from multitenant.analysis.load import RunData, load_runs, read_config, read_manifest
+from multitenant.analysis.metrics import RunMetrics, SloError, compute_run, parse_slo
+from multitenant.analysis.names import OBJECTIVES
+from multitenant.analysis.sweep import build_sweep, is_sweep, overrides_dict, short_key
 
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024  # show a progress bar when the logs are at least this big
 DEFAULT_SLO_TARGET = 0.9
@@ -236,17 +221,17 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Every output file; returns them by name. Several runs (``sweep.is_sweep``) also get
     sweep.csv, sweep.json, the sweep plots and sections, and the best point as the last lines."""
-    from multitenant.analysis import plots, report, sweep_plots, sweep_report
+    from multitenant.analysis import plots, report, summary, sweep_plots, sweep_report
     from multitenant.analysis.trace import write_trace
 
     out.mkdir(parents=True, exist_ok=True)
     # The manifests are already loaded: take the overrides from there, not from disk again.
-    labels_by_dir = run_labels({rm.run.run_dir: list(rm.run.manifest.get("overrides") or []) for rm in rms})
+    labels_by_dir = run_labels({rm.run.run_dir: list(rm.run.manifest.overrides or []) for rm in rms})
     labels = {id(rm): labels_by_dir[rm.run.run_dir] for rm in rms}
     colors = plots.tenant_colors(name for rm in rms for name in rm.tenants)
     written: dict[str, Path] = {
-        "summary.json": report.write_summary_json(rms, out / "summary.json"),
-        "requests.csv": report.write_requests_csv(rms, out / "requests.csv"),
+        "summary.json": summary.write_summary_json(rms, out / "summary.json"),
+        "requests.csv": summary.write_requests_csv(rms, out / "requests.csv"),
     }
     sweep = build_sweep(rms, labels_by_dir, target, objective) if is_sweep(rms) else None
     md_text = report.markdown(rms, labels)

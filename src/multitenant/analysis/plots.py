@@ -26,9 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from multitenant.analysis.load import NO_TIME  # noqa: E402
-from multitenant.analysis.metrics import NP_E2E, NS_PER_S, SLOWDOWN_KEYS, RunMetrics  # noqa: E402
-from multitenant.schema import STATUS_OK  # noqa: E402
+from multitenant.analysis.columns import NO_TIME  # noqa: E402
+from multitenant.analysis.metrics import RunMetrics  # noqa: E402
+from multitenant.analysis.names import NP_E2E, NS_PER_MS, NS_PER_S, SLOWDOWN_KEYS  # noqa: E402
+from multitenant.analysis.requests import latency_sample  # noqa: E402
+from multitenant.schema import RequestStatus  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 110  # one rendering serves both the PNG file and the report
@@ -90,15 +92,11 @@ def _shade_window(ax: plt.Axes, rm: RunMetrics, origin: int, label: bool = True)
 
 
 def _latency_sample(rm: RunMetrics, name: str, column: str) -> np.ndarray:
-    """The same sample the statistics use: completed requests sent inside the window."""
+    """One column over the sample the statistics use (``requests.latency_sample``)."""
     tm = rm.tenants[name]
     assert tm.table is not None
     cols = tm.table.columns
-    in_window = np.zeros(len(tm.table), bool)
-    if rm.window_ns is not None:
-        sent = cols["sent_ns"]
-        in_window = (sent != NO_TIME) & (sent >= rm.window_ns[0]) & (sent <= rm.window_ns[1])
-    values = cols[column][in_window & (cols["status"] == STATUS_OK)]
+    values = cols[column][latency_sample(cols["sent_ns"], cols["status"], rm.window_ns)]
     return values[~np.isnan(values)]
 
 
@@ -132,9 +130,8 @@ def _itl(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plo
         if table is None or not table.itl_ns.size or rm.window_ns is None:
             continue
         cols = table.columns
-        sent = cols["sent_ns"]
-        keep = (sent != NO_TIME) & (sent >= rm.window_ns[0]) & (sent <= rm.window_ns[1]) & (cols["status"] == STATUS_OK)
-        values = table.itl_ns[keep[table.itl_row]] / 1e6
+        keep = latency_sample(cols["sent_ns"], cols["status"], rm.window_ns)
+        values = table.itl_ns[keep[table.itl_row]] / NS_PER_MS
         if values.size:
             samples[tenant] = values
     if not samples:
@@ -208,7 +205,7 @@ def _request_latency(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt:
         if tm.table is None:
             continue
         cols = tm.table.columns
-        ok = (cols["status"] == STATUS_OK) & (cols["sent_ns"] != NO_TIME)
+        ok = (cols["status"] == RequestStatus.OK) & (cols["sent_ns"] != NO_TIME)
         x = (cols["sent_ns"][ok] - origin) / NS_PER_S
         for ax, column in ((ax_ttft, "ttft_ms"), (ax_e2e, "e2e_ms")):
             y = cols[column][ok]

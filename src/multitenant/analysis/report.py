@@ -1,14 +1,6 @@
-"""Stage 3b of ``mt-analyze``: metrics -> summary.json, requests.csv, summary.md, the terminal
-table and report.html.
-
-``summary.json`` has the shape of issue #4 (other tools read it); beyond it each run carries
-``name``, ``gpu``, ``window_s``, ``warnings``, ``missing_baselines`` and ``baselines``, and each
-tenant ``task``, ``throughput_unit``, ``completed``, ``cancelled`` and ``incomplete`` (every request
-is counted somewhere: requests = completed + errors + cancelled + incomplete), ``ttft_split``
-(null unless the tenant logged engine timestamps), and ``np_definition`` (``throughput`` or, for
-an open-loop tenant, ``e2e``) with ``solo_e2e_mean_ms`` and ``colocated_e2e_mean_ms``, the two
-means an ``e2e`` NP divides (null otherwise). Numbers are plain JSON numbers (full float
-precision), undefined ones null, never NaN.
+"""Stage 3b of ``mt-analyze``: metrics -> what people read: the terminal table, summary.md and
+report.html (the tables they share, and the run's banner and warnings). The files other tools
+read are ``summary``'s.
 """
 
 from __future__ import annotations
@@ -22,155 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
-from multitenant.analysis.load import NO_TIME
-from multitenant.analysis.metrics import (
-    LATENCY_METRICS,
-    NP_E2E,
-    SLOWDOWN_KEYS,
-    STAT_KEYS,
-    TTFT_SPLIT,
-    RunMetrics,
-    TenantMetrics,
-    status_warning,
-)
+from multitenant.analysis.metrics import RunMetrics, TenantMetrics, status_warning
+from multitenant.analysis.names import LATENCY_METRICS, NP_E2E, SLOWDOWN_KEYS, STAT_KEYS, TTFT_SPLIT
 from multitenant.analysis.plots import Plot
-from multitenant.schema import RUN_OK
-
-SUMMARY_SCHEMA = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# summary.json
-
-
-def _clean(value: Any) -> Any:
-    """NaN/inf -> None (JSON has neither), numpy scalars -> Python numbers."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def run_summary(rm: RunMetrics) -> dict[str, Any]:
-    tenants: dict[str, Any] = {}
-    for name, tm in rm.tenants.items():
-        entry: dict[str, Any] = {
-            "requests": tm.requests,
-            "errors": tm.errors,
-            "output_tokens": tm.output_tokens,
-            "throughput_tok_s": tm.throughput,
-        }
-        for metric in LATENCY_METRICS:
-            entry[f"{metric}_ms"] = tm.latency[metric]
-        entry.update(
-            {
-                "slo_attainment": tm.slo_attainment,
-                "goodput_req_s": tm.goodput_req_s,
-                "np": tm.np,
-                "slowdown": tm.slowdown,
-                # Additions beyond the issue's shape.
-                "task": tm.task,
-                "throughput_unit": tm.throughput_unit,
-                "completed": tm.completed,
-                "cancelled": tm.cancelled,
-                "incomplete": tm.incomplete,
-                "solo_throughput": tm.solo_throughput,
-                "np_definition": tm.np_definition,
-                "solo_e2e_mean_ms": tm.solo_e2e_mean_ms,
-                "colocated_e2e_mean_ms": tm.colocated_e2e_mean_ms,
-                "baseline_run_dir": tm.baseline_run_dir,
-                "baseline_trials": tm.baseline_trials,
-                "ttft_split": tm.ttft_split,
-            }
-        )
-        tenants[name] = entry
-    run = rm.run
-    return _clean(
-        {
-            "run_dir": str(run.run_dir),
-            "run_id": run.run_id,
-            "status": run.status,
-            "mode": run.mode,
-            "window_ns": list(rm.window_ns) if rm.window_ns is not None else None,
-            "tenants": tenants,
-            "aggregate": {
-                "gpu_throughput_tok_s": rm.gpu_throughput_tok_s,
-                "gpu_throughput_naive_tok_s": rm.gpu_throughput_naive_tok_s,
-                "stp": rm.stp,
-                "antt": rm.antt,
-                "fairness": rm.fairness,
-                "jain": rm.jain,
-            },
-            "name": run.name,
-            "gpu": run.gpu_name,
-            "window_s": rm.window_s,
-            "slo_ms": rm.slo,
-            "missing_baselines": rm.missing_baselines,
-            "warnings": rm.warnings,
-        }
-    )
-
-
-def summary(rms: Sequence[RunMetrics]) -> dict[str, Any]:
-    return {"schema": SUMMARY_SCHEMA, "runs": [run_summary(rm) for rm in rms]}
-
-
-def write_summary_json(rms: Sequence[RunMetrics], path: Path) -> Path:
-    path.write_bytes(orjson.dumps(summary(rms), option=orjson.OPT_INDENT_2) + b"\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# requests.csv
-
-CSV_COLUMNS = (
-    "rid", "status", "error", "measured", "in_window", "n_in", "n_out_target", "n_out", "n_tok", "n_emissions",
-    "sched_ns", "sent_ns", "first_tok_ns", "last_tok_ns", "done_ns",
-    "ttft_ms", "ttft_sched_ms", "queue_ms", "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "slo_ok",
-    "engine_queued_ns", "engine_scheduled_ns", "engine_first_tok_ns", "engine_last_tok_ns",
-    *(f"ttft_{name}_ms" for name in TTFT_SPLIT), "usage_tokens", "warning",
-)  # fmt: skip
-_INT_COLUMNS = ("n_in", "n_out_target", "n_out", "usage_tokens")  # -1 = not logged
-
-
-def write_requests_csv(rms: Sequence[RunMetrics], path: Path) -> Path:
-    """One row per request of every tenant of every run (warm-up ones too, ``measured`` false).
-    Times never logged and metrics that do not apply are empty cells."""
-    import pandas as pd
-
-    frames = []
-    for rm in rms:
-        for name, tm in rm.tenants.items():
-            if tm.table is None or not len(tm.table):
-                continue
-            cols = tm.table.columns
-            data: dict[str, Any] = {"run_id": rm.run.run_id, "tenant": name}
-            for key in CSV_COLUMNS:
-                if key not in cols:
-                    data[key] = pd.array([pd.NA] * len(tm.table), dtype="boolean")
-                elif key == "slo_ok":
-                    data[key] = pd.array([pd.NA if v is None else bool(v) for v in cols[key]], dtype="boolean")
-                elif key.endswith("_ns") or key in _INT_COLUMNS:
-                    values = cols[key]
-                    data[key] = pd.array(values, dtype="Int64")
-                    data[key][values == (NO_TIME if key.endswith("_ns") else -1)] = pd.NA
-                else:
-                    data[key] = cols[key]
-            frames.append(pd.DataFrame(data))
-    columns = ["run_id", "tenant", *CSV_COLUMNS]
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    frame = frame[columns]
-    frame["status"] = frame["status"].replace("", "unfinished")
-    frame.to_csv(path, index=False, float_format="%.6f")
-    return path
-
+from multitenant.schema import GpuInfo, RunStatus
 
 # ---------------------------------------------------------------------------------------------
 # Tables shared by the terminal, summary.md and report.html
@@ -193,10 +41,16 @@ class Table:
     rows: list[list[str]]
 
 
+def _has_gpu(rm: RunMetrics) -> bool:
+    """Whether the manifest names a GPU record (null or ``{}``: a CPU run)."""
+    gpu = rm.run.manifest.gpu
+    return gpu is not None and gpu != GpuInfo()
+
+
 def aggregate_label(rm: RunMetrics) -> str:
     """What the summed throughput is of: "GPU" for a GPU run, "aggregate" for a CPU run (mode
     cpu, or no GPU in the manifest). summary.json keeps its ``gpu_throughput_*`` keys either way."""
-    return "GPU" if rm.run.mode != "cpu" and rm.run.manifest.get("gpu") else "aggregate"
+    return "GPU" if rm.run.mode != "cpu" and _has_gpu(rm) else "aggregate"
 
 
 def run_tables(rm: RunMetrics) -> list[Table]:
@@ -301,20 +155,20 @@ def setup_rows(rm: RunMetrics) -> list[list[str]]:
     for name in run.tenants:
         cfg = run.tenant_config(name) or {}
         man = run.tenant_manifest(name)
-        share = cfg.get("share") or man.get("share") or {}
+        share = cfg.get("share") or man.share or {}
         share_text = ", ".join(f"{k}={v}" for k, v in share.items() if v is not None) or "none"
-        if man.get("share_applied") is False:
+        if name in run.manifest.tenants and man.share_applied is False:
             share_text += " (not applied)"
         rows.append(
             [
                 name,
-                str(cfg.get("model") or man.get("model") or "?"),
-                f"{cfg.get('backend') or man.get('backend') or '?'} / {cfg.get('execution') or man.get('execution') or '?'}"
-                f" / {cfg.get('dtype') or man.get('dtype') or '?'}",
-                str(cfg.get("max_batch") or man.get("max_batch") or "?"),
+                str(cfg.get("model") or man.model or "?"),
+                f"{cfg.get('backend') or man.backend or '?'} / {cfg.get('execution') or man.execution or '?'}"
+                f" / {cfg.get('dtype') or man.dtype or '?'}",
+                str(cfg.get("max_batch") or man.max_batch or "?"),
                 share_text,
-                fmt(man.get("effective_sms")),
-                {True: "yes", False: "NO"}.get(bool(man["mps_attached"]), "–") if man.get("mps_attached") is not None else "–",
+                fmt(man.effective_sms),
+                "–" if man.mps_attached is None else ("yes" if man.mps_attached else "NO"),
             ]
         )
     return rows
@@ -325,10 +179,10 @@ SETUP_HEADER = ["tenant", "model", "backend / execution / dtype", "max_batch", "
 
 def banner(rm: RunMetrics) -> str | None:
     """A warning line for a run that did not end cleanly."""
-    if rm.run.status == RUN_OK:
+    if rm.run.status == RunStatus.OK:
         return None
-    reason = rm.run.manifest.get("reason")
-    if rm.run.status == "running" and not reason:
+    reason = rm.run.manifest.reason
+    if rm.run.status == RunStatus.RUNNING and not reason:
         # mt-run never ended it (killed, or still going): its MPS daemon may still be up.
         reason = "mt-run did not end this run (killed?); if it used mode=mps, run `mt-mps stop --all`"
     return f"Run status {rm.run.status!r}" + (f": {reason}" if reason else "") + " — numbers may be incomplete."
@@ -503,13 +357,13 @@ def write_html(
         out.append(f"<h2>{esc(heading(rm, labels))}</h2>")
         if (line := banner(rm)) is not None:
             out.append(f'<p class="banner">WARNING: {esc(line)}</p>')
-        gpu = run.manifest.get("gpu") or {}
+        gpu = run.manifest.gpu
         facts = [
             ("folder", str(run.run_dir)),
             ("mode", str(run.mode)),
-            ("GPU", f"{gpu.get('name')} ({gpu.get('sm_count')} SMs, driver {gpu.get('driver_version')})" if gpu else "none (CPU)"),
+            ("GPU", f"{gpu.name} ({gpu.sm_count} SMs, driver {gpu.driver_version})" if gpu and _has_gpu(rm) else "none (CPU)"),
             ("status", run.status),
-            ("started", str(run.manifest.get("started_wall") or "–")),
+            ("started", str(run.manifest.started_wall or "–")),
         ]
         out.append("<ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in facts) + "</ul>")
         out.append("<h3>Setup</h3>" + _html_table(Table("Setup", SETUP_HEADER, setup_rows(rm)), colors))

@@ -11,12 +11,9 @@ different experiments (manifest ``name``), ``experiment`` is an axis too, so unr
 pool. Runs whose status is not ``ok`` stay out of every mean, with a warning naming them; the
 same run found twice (equal host, ``started_ns`` and folder name: a copied folder) counts once.
 
-Estimates. For a point's n values x_1..x_n of one metric (trials where it is defined):
-  mean = Σ x_i / n,  s = sqrt(Σ (x_i - mean)² / (n - 1)),
-  95 % CI = mean ± t_{0.975, n-1} · s / sqrt(n)        (Student t; ``t_quantile``)
-With n = 1 there is no interval (``ci_low`` = ``ci_high`` = None); with n = 0 no mean either.
+Estimates: each point's mean and 95 % Student-t interval over its trials (``stats.estimate``).
 
-Headline metrics (``TENANT_METRICS`` per tenant, ``RUN_METRICS`` for the run, tenant ``RUN_LEVEL``):
+Headline metrics (``names``: ``TENANT_METRICS`` per tenant, ``RUN_METRICS`` for the run, tenant ``RUN_LEVEL``):
 per-tenant throughput, TTFT/TPOT/E2E p50 and p99 (ms), NP, SLO attainment, goodput (req/s);
 aggregate throughput (tok/s), STP, ANTT, fairness, Jain, aggregate goodput (Σ tenants' goodput,
 req/s). They are each run's own figures (``metrics.compute_run``), averaged over trials.
@@ -32,125 +29,38 @@ Rate sweeps. For an axis ``tenants.<t>.workload.arrival.rate`` (values numbers, 
 combination of the other axes and each tenant: attainment against rate, and the highest swept rate
 up to which the tenant meets q at every swept rate (None when it misses at the lowest).
 
-Wall-time share, per sweep folder (a run's parent folder):
-  share = Σ window lengths of its ok runs / (last run's ended_ns - first run's started_ns)
-on the host's CLOCK_MONOTONIC; a folder whose runs ran on several hosts uses
-``started_wall``/``ended_wall`` instead. Several folders (from several nodes) are reported one
-by one, and pooled as Σ windows / Σ folder wall times. Per tenant: mean ``load_s`` and
-``warmup_s`` of the manifests.
+Wall-time share: ``sweep_cost``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from multitenant.analysis.metrics import NS_PER_S, RunMetrics
-from multitenant.schema import RUN_OK
+from multitenant.analysis.metrics import RunMetrics
+from multitenant.analysis.names import (
+    HEADLINE_LATENCY,
+    OBJECTIVE_METRIC,
+    OBJECTIVES,
+    RUN_LEVEL,
+    RUN_METRICS,
+    TENANT_METRICS,
+)
+from multitenant.analysis.stats import Estimate, estimate
+from multitenant.analysis.sweep_cost import Cost, sweep_cost
+from multitenant.schema import RunStatus
 
-CONFIDENCE = 0.95
-RUN_LEVEL = "*"  # the ``tenant`` of run-level metrics (STP, aggregate throughput, ...)
 TRIAL_KEYS = ("trial", "trials")
 EXPERIMENT_AXIS = "experiment"
-OBJECTIVES = ("throughput", "goodput")
-# Per tenant; names follow summary.json (``ttft_ms.p50`` -> ``ttft_p50_ms``).
-TENANT_METRICS = (
-    "throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
-    "np", "slo_attainment", "goodput_req_s",
-)  # fmt: skip
-RUN_METRICS = ("gpu_throughput_tok_s", "stp", "antt", "fairness", "jain", "goodput_req_s")
-OBJECTIVE_METRIC = {"throughput": "gpu_throughput_tok_s", "goodput": "goodput_req_s"}
 _RATE_KEY = re.compile(r"^tenants\.([^.]+)\.workload\.arrival\.rate$")
 _SHARE_KEY = re.compile(r"^tenants\.([^.]+)\.share\.active_thread_pct$")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _SPLIT = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)+$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Student t
-
-
-def t_cdf_two_sided(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df`` >= 1, exactly (Abramowitz & Stegun 26.7.3-4).
-
-    With θ = atan(t / sqrt(df)), c = cos θ, s = sin θ:
-      df odd:  (2/π) (θ + s c (1 + (2/3) c² + (2·4)/(3·5) c⁴ + ... + (2·4···(df-3))/(3·5···(df-2)) c^(df-3)))
-      df even: s (1 + (1/2) c² + (1·3)/(2·4) c⁴ + ... + (1·3···(df-3))/(2·4···(df-2)) c^(df-2))
-    (the bracketed series is empty for df = 1 and is 1 for df = 2, 3).
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2 == 1:
-        if df == 1:
-            return 2.0 * theta / math.pi
-        term, total = 1.0, 1.0
-        for k in range(2, df - 1, 2):  # factors k/(k+1) for k = 2, 4, ..., df-3
-            term *= k / (k + 1) * c2
-            total += term
-        return 2.0 / math.pi * (theta + s * math.cos(theta) * total)
-    term, total = 1.0, 1.0
-    for k in range(1, df - 2, 2):  # factors k/(k+1) for k = 1, 3, ..., df-3
-        term *= k / (k + 1) * c2
-        total += term
-    return s * total
-
-
-def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
-    """t_{(1+confidence)/2, df}: the half-width factor of a two-sided ``confidence`` interval.
-
-    Solved from ``t_cdf_two_sided`` by bisection to double precision (t_{0.975,1} = 12.7062,
-    t_{0.975,2} = 4.3027, t_{0.975,30} = 2.0423, t_{0.975,∞} = 1.9600). No scipy needed.
-    """
-    lo, hi = 0.0, 1.0
-    while t_cdf_two_sided(hi, df) < confidence:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if mid in (lo, hi):
-            break
-        if t_cdf_two_sided(mid, df) < confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """One metric at one point over its trials: n values, mean, sample std (ddof 1), 95 % CI."""
-
-    n: int
-    mean: float | None
-    std: float | None
-    ci_low: float | None
-    ci_high: float | None
-
-    @property
-    def half_width(self) -> float | None:
-        return None if self.ci_low is None or self.ci_high is None else (self.ci_high - self.ci_low) / 2.0
-
-
-def estimate(values: Sequence[float | None], confidence: float = CONFIDENCE) -> Estimate:
-    """Mean and Student-t interval (module docstring) of the defined, finite ``values``."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return Estimate(0, None, None, None, None)
-    mean = float(x.mean())
-    if n == 1:
-        return Estimate(1, mean, None, None, None)
-    std = float(x.std(ddof=1))
-    half = t_quantile(n - 1, confidence) * std / math.sqrt(n)
-    return Estimate(n, mean, std, mean - half, mean + half)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +84,8 @@ def overrides_dict(items: Sequence[object]) -> dict[str, str]:
 
 def run_overrides(rm: RunMetrics) -> dict[str, str]:
     """The run's overrides (manifest ``overrides``, else ``.hydra/overrides.yaml``), trial keys included."""
-    items = rm.run.manifest.get("overrides")
-    if not isinstance(items, list):
+    items: list[object] = list(rm.run.manifest.overrides or [])
+    if not items:
         path = rm.run.run_dir / ".hydra" / "overrides.yaml"
         items = []
         if path.is_file():
@@ -208,7 +118,7 @@ def headline(rm: RunMetrics) -> dict[tuple[str, str], float | None]:
             "slo_attainment": tm.slo_attainment,
             "goodput_req_s": tm.goodput_req_s,
         }
-        for metric in ("ttft", "tpot", "e2e"):
+        for metric in HEADLINE_LATENCY:
             stats = tm.latency.get(metric) or {}
             values[f"{metric}_p50_ms"] = stats.get("p50")
             values[f"{metric}_p99_ms"] = stats.get("p99")
@@ -343,31 +253,6 @@ class RateLimit:
 
 
 @dataclass
-class FolderCost:
-    """Where one sweep folder's wall time went (module docstring, "Wall-time share")."""
-
-    folder: Path
-    runs: int
-    hosts: list[str]
-    clock: str  # "monotonic" (one host) or "wall" (several hosts), "" when no times
-    window_s: float
-    wall_s: float | None
-    share: float | None
-    load_s: dict[str, float]
-    warmup_s: dict[str, float]
-
-
-@dataclass
-class Cost:
-    folders: list[FolderCost]
-    window_s: float
-    wall_s: float | None  # Σ folder wall times
-    share: float | None  # pooled: Σ windows / Σ folder wall times
-    load_s: dict[str, float]  # mean over every run
-    warmup_s: dict[str, float]
-
-
-@dataclass
 class Sweep:
     axes: list[str]
     points: list[Point]
@@ -417,8 +302,8 @@ def build_sweep(
         sr = SweepRun(
             rm, labels.get(rm.run.run_dir, rm.run.run_dir.name), overrides, run_trial(rm, overrides)
         )
-        host = str((rm.run.manifest.get("host") or {}).get("hostname") or "")
-        started = rm.run.manifest.get("started_ns")
+        host = str(rm.run.manifest.host.hostname or "")
+        started = rm.run.manifest.started_ns
         if isinstance(started, int):
             twin = seen.get((host, started, rm.run.run_dir.name))
             if twin is not None:
@@ -427,8 +312,8 @@ def build_sweep(
                 )
                 continue
             seen[(host, started, rm.run.run_dir.name)] = sr
-        if rm.run.status != RUN_OK:
-            reason = rm.run.manifest.get("reason")
+        if rm.run.status != RunStatus.OK:
+            reason = rm.run.manifest.reason
             sr.excluded = rm.run.status + (f": {reason}" if reason else "")
         runs.append(sr)
 
@@ -479,7 +364,7 @@ def build_sweep(
 
     slo = next((sr.rm.slo for sr in runs if sr.rm.slo is not None), None)
     sweep = Sweep(
-        axes, points, tenants, rows, runs, sweep_cost(runs), slo=slo, target=target, objective=objective
+        axes, points, tenants, rows, runs, sweep_cost([(sr.rm, sr.excluded is None) for sr in runs]), slo=slo, target=target, objective=objective
     )
     sweep.warnings = warnings
     _pareto(sweep)
@@ -587,201 +472,3 @@ def rate_limits(sweep: Sweep) -> list[RateLimit]:
 def _rate(value: str | None) -> float | None:
     text = None if value is None else value.strip().strip("'\"")
     return float(text) if text is not None and _NUMBER.match(text) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Wall-time share
-
-
-def _wall_ns(text: object) -> int | None:
-    """An ISO 8601 wall time (manifest ``started_wall``) as ns since the epoch."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return int(round(moment.timestamp() * 1e6)) * 1000
-
-
-def _mean_per_tenant(runs: Sequence[SweepRun], key: str) -> dict[str, float]:
-    values: dict[str, list[float]] = {}
-    for sr in runs:
-        for name, entry in (sr.rm.run.manifest.get("tenants") or {}).items():
-            value = entry.get(key) if isinstance(entry, dict) else None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                values.setdefault(str(name), []).append(float(value))
-    return {name: float(np.mean(v)) for name, v in values.items()}
-
-
-def folder_cost(folder: Path, runs: Sequence[SweepRun]) -> FolderCost:
-    """Σ windows of the ok runs / (last ended - first started) of one folder's runs."""
-    hosts = sorted({str((sr.rm.run.manifest.get("host") or {}).get("hostname") or "?") for sr in runs})
-    window_s = sum(sr.rm.window_s or 0.0 for sr in runs if sr.excluded is None)
-    clock = "monotonic" if len(hosts) == 1 else "wall"
-    starts: list[int] = []
-    ends: list[int] = []
-    for sr in runs:
-        m = sr.rm.run.manifest
-        if clock == "monotonic":
-            start, end = m.get("started_ns"), m.get("ended_ns")
-        else:
-            start, end = _wall_ns(m.get("started_wall")), _wall_ns(m.get("ended_wall"))
-        if isinstance(start, int):
-            starts.append(start)
-            # A run killed before it recorded its end still ran from its start.
-            ends.append(end if isinstance(end, int) else start)
-    wall_s = (max(ends) - min(starts)) / NS_PER_S if starts else None
-    share = window_s / wall_s if wall_s else None
-    return FolderCost(
-        folder=folder,
-        runs=len(runs),
-        hosts=hosts,
-        clock=clock if starts else "",
-        window_s=window_s,
-        wall_s=wall_s,
-        share=share,
-        load_s=_mean_per_tenant(runs, "load_s"),
-        warmup_s=_mean_per_tenant(runs, "warmup_s"),
-    )
-
-
-def sweep_cost(runs: Sequence[SweepRun]) -> Cost:
-    """Wall-time share per sweep folder (a run's parent) and pooled over the folders."""
-    by_folder: dict[Path, list[SweepRun]] = {}
-    for sr in runs:
-        by_folder.setdefault(sr.rm.run.run_dir.resolve().parent, []).append(sr)
-    folders = [folder_cost(f, rs) for f, rs in sorted(by_folder.items())]
-    window_s = sum(f.window_s for f in folders)
-    walls = [f.wall_s for f in folders if f.wall_s]
-    wall_s = sum(walls) if walls and len(walls) == len(folders) else None
-    return Cost(
-        folders=folders,
-        window_s=window_s,
-        wall_s=wall_s,
-        share=window_s / wall_s if wall_s else None,
-        load_s=_mean_per_tenant(runs, "load_s"),
-        warmup_s=_mean_per_tenant(runs, "warmup_s"),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# As data (sweep.json, sweep.csv)
-
-
-def estimate_dict(e: Estimate) -> dict[str, Any]:
-    return {"n": e.n, "mean": e.mean, "std": e.std, "ci_low": e.ci_low, "ci_high": e.ci_high}
-
-
-def single_trial_note(point: Point) -> str | None:
-    if point.n_trials == 1:
-        return "1 trial: no confidence interval"
-    if point.n_trials == 0:
-        return "no run that counts: no estimates"
-    return None
-
-
-def choice_dict(sweep: Sweep, c: Choice | None) -> dict[str, Any] | None:
-    if c is None:
-        return None
-    return {
-        "point": dict(zip(sweep.axes, c.point.values, strict=True)),
-        "label": c.point.label(sweep.axes),
-        "n_trials": c.point.n_trials,
-        "feasible": c.feasible,
-        "objective": sweep.objective,
-        "objective_metric": OBJECTIVE_METRIC[sweep.objective],
-        "objective_value": estimate_dict(c.objective),
-        "min_attainment": c.min_attainment,
-        "worst_tenant": c.worst_tenant,
-        "attainment": {t: estimate_dict(c.point.get(t, "slo_attainment")) for t in c.point.tenants},
-        "holds_at_ci_low": c.holds_at_ci_low,
-    }
-
-
-def sweep_dict(sweep: Sweep) -> dict[str, Any]:
-    """Everything sweep.json holds (see docs/analysis.md, "Sweeps")."""
-    points = []
-    for p in sweep.points:
-        metrics: dict[str, dict[str, Any]] = {}
-        for tenant, metric in sweep.rows:
-            if tenant == RUN_LEVEL or tenant in p.tenants:
-                metrics.setdefault(tenant, {})[metric] = estimate_dict(p.get(tenant, metric))
-        points.append(
-            {
-                "point": dict(zip(sweep.axes, p.values, strict=True)),
-                "label": p.label(sweep.axes),
-                "n_trials": p.n_trials,
-                "note": single_trial_note(p),
-                "trials": [sr.trial for sr in p.runs],
-                "runs": [str(sr.rm.run.run_dir) for sr in p.runs],
-                "excluded": [{"run_dir": str(sr.rm.run.run_dir), "why": sr.excluded} for sr in p.excluded],
-                "feasible": p.feasible,
-                "pareto": p.pareto,
-                "metrics": metrics,
-            }
-        )
-    cost = sweep.cost
-    return {
-        "schema": 1,
-        "axes": sweep.axes,
-        "tenants": sweep.tenants,
-        "run_level": RUN_LEVEL,
-        "ci": f"{int(CONFIDENCE * 100)} % Student t over trials: mean ± t(0.975, n-1)·s/√n, s the sample std (n-1); none for n = 1",
-        "points": points,
-        "slo_ms": sweep.slo,
-        "slo_target": sweep.target if sweep.slo is not None else None,
-        "objective": sweep.objective if sweep.slo is not None else None,
-        "best": choice_dict(sweep, sweep.best),
-        "closest": choice_dict(sweep, sweep.closest),
-        "closest_rule": "highest lowest-tenant mean SLO attainment (ties: higher objective)",
-        "rate_limits": [
-            {
-                "axis": r.key,
-                "tenant": r.tenant,
-                "fixed": r.fixed,
-                "rates": r.rates,
-                "attainment": [estimate_dict(e) for e in r.attainment],
-                "max_rate": r.max_rate,
-            }
-            for r in sweep.rate_limits
-        ],
-        "cost": {
-            "folders": [
-                {
-                    "folder": str(f.folder),
-                    "runs": f.runs,
-                    "hosts": f.hosts,
-                    "clock": f.clock,
-                    "window_s": f.window_s,
-                    "wall_s": f.wall_s,
-                    "measured_share": f.share,
-                    "load_s": f.load_s,
-                    "warmup_s": f.warmup_s,
-                }
-                for f in cost.folders
-            ],
-            "window_s": cost.window_s,
-            "wall_s": cost.wall_s,
-            "measured_share": cost.share,
-            "load_s": cost.load_s,
-            "warmup_s": cost.warmup_s,
-        },
-        "warnings": sweep.warnings,
-    }
-
-
-def csv_rows(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
-    """sweep.csv: one row per point x tenant x metric (the axes as columns, then tenant, metric,
-    n_trials, mean, std, ci_low, ci_high); n_trials counts the trials where the metric is defined."""
-    header = [*sweep.axes, "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high"]
-    rows: list[list[Any]] = []
-    for p in sweep.points:
-        for tenant, metric in sweep.rows:
-            if tenant != RUN_LEVEL and tenant not in p.tenants:
-                continue
-            e = p.get(tenant, metric)
-            rows.append([*p.values, tenant, metric, e.n, e.mean, e.std, e.ci_low, e.ci_high])
-    return header, rows

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from multitenant.analysis.names import RUN_LEVEL
 from multitenant.analysis.plots import Plot, _save, plt
+from multitenant.analysis.stats import Estimate
 from multitenant.analysis.sweep import (
-    RUN_LEVEL,
-    Estimate,
     Point,
     Sweep,
     axis_number,

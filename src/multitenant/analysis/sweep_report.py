@@ -1,5 +1,6 @@
 """A sweep's outputs: sweep.csv, sweep.json, the terminal summary (best point last), the
-summary.md section and report.html's "Sweep" section. The numbers come from ``sweep``."""
+summary.md section and report.html's "Sweep" section. The numbers come from ``sweep`` and
+``sweep_cost``."""
 
 from __future__ import annotations
 
@@ -10,20 +11,12 @@ from typing import Any
 
 import orjson
 
+from multitenant.analysis.names import OBJECTIVE_METRIC, RUN_LEVEL
 from multitenant.analysis.plots import Plot
-from multitenant.analysis.report import Table, _clean, _html_table, _img, _md_table, aggregate_label, fmt
-from multitenant.analysis.sweep import (
-    CONFIDENCE,
-    OBJECTIVE_METRIC,
-    RUN_LEVEL,
-    Choice,
-    Estimate,
-    Sweep,
-    csv_rows,
-    short_key,
-    single_trial_note,
-    sweep_dict,
-)
+from multitenant.analysis.report import Table, _html_table, _img, _md_table, aggregate_label, fmt
+from multitenant.analysis.stats import CONFIDENCE, Estimate
+from multitenant.analysis.summary import clean
+from multitenant.analysis.sweep import Choice, Point, Sweep, short_key
 
 CI_NOTE = (
     f"± is the half-width of the {int(CONFIDENCE * 100)} % Student-t interval over trials "
@@ -35,6 +28,130 @@ TERMINAL_CI_NOTE = (
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# As data (sweep.json, sweep.csv)
+
+
+def estimate_dict(e: Estimate) -> dict[str, Any]:
+    return {"n": e.n, "mean": e.mean, "std": e.std, "ci_low": e.ci_low, "ci_high": e.ci_high}
+
+
+def single_trial_note(point: Point) -> str | None:
+    if point.n_trials == 1:
+        return "1 trial: no confidence interval"
+    if point.n_trials == 0:
+        return "no run that counts: no estimates"
+    return None
+
+
+def choice_dict(sweep: Sweep, c: Choice | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "point": dict(zip(sweep.axes, c.point.values, strict=True)),
+        "label": c.point.label(sweep.axes),
+        "n_trials": c.point.n_trials,
+        "feasible": c.feasible,
+        "objective": sweep.objective,
+        "objective_metric": OBJECTIVE_METRIC[sweep.objective],
+        "objective_value": estimate_dict(c.objective),
+        "min_attainment": c.min_attainment,
+        "worst_tenant": c.worst_tenant,
+        "attainment": {t: estimate_dict(c.point.get(t, "slo_attainment")) for t in c.point.tenants},
+        "holds_at_ci_low": c.holds_at_ci_low,
+    }
+
+
+def sweep_dict(sweep: Sweep) -> dict[str, Any]:
+    """Everything sweep.json holds (see docs/analysis.md, "Sweeps")."""
+    points = []
+    for p in sweep.points:
+        metrics: dict[str, dict[str, Any]] = {}
+        for tenant, metric in sweep.rows:
+            if tenant == RUN_LEVEL or tenant in p.tenants:
+                metrics.setdefault(tenant, {})[metric] = estimate_dict(p.get(tenant, metric))
+        points.append(
+            {
+                "point": dict(zip(sweep.axes, p.values, strict=True)),
+                "label": p.label(sweep.axes),
+                "n_trials": p.n_trials,
+                "note": single_trial_note(p),
+                "trials": [sr.trial for sr in p.runs],
+                "runs": [str(sr.rm.run.run_dir) for sr in p.runs],
+                "excluded": [{"run_dir": str(sr.rm.run.run_dir), "why": sr.excluded} for sr in p.excluded],
+                "feasible": p.feasible,
+                "pareto": p.pareto,
+                "metrics": metrics,
+            }
+        )
+    cost = sweep.cost
+    return {
+        "schema": 1,
+        "axes": sweep.axes,
+        "tenants": sweep.tenants,
+        "run_level": RUN_LEVEL,
+        "ci": f"{int(CONFIDENCE * 100)} % Student t over trials: mean ± t(0.975, n-1)·s/√n, s the sample std (n-1); none for n = 1",
+        "points": points,
+        "slo_ms": sweep.slo,
+        "slo_target": sweep.target if sweep.slo is not None else None,
+        "objective": sweep.objective if sweep.slo is not None else None,
+        "best": choice_dict(sweep, sweep.best),
+        "closest": choice_dict(sweep, sweep.closest),
+        "closest_rule": "highest lowest-tenant mean SLO attainment (ties: higher objective)",
+        "rate_limits": [
+            {
+                "axis": r.key,
+                "tenant": r.tenant,
+                "fixed": r.fixed,
+                "rates": r.rates,
+                "attainment": [estimate_dict(e) for e in r.attainment],
+                "max_rate": r.max_rate,
+            }
+            for r in sweep.rate_limits
+        ],
+        "cost": {
+            "folders": [
+                {
+                    "folder": str(f.folder),
+                    "runs": f.runs,
+                    "hosts": f.hosts,
+                    "clock": f.clock,
+                    "window_s": f.window_s,
+                    "wall_s": f.wall_s,
+                    "measured_share": f.share,
+                    "load_s": f.load_s,
+                    "warmup_s": f.warmup_s,
+                }
+                for f in cost.folders
+            ],
+            "window_s": cost.window_s,
+            "wall_s": cost.wall_s,
+            "measured_share": cost.share,
+            "load_s": cost.load_s,
+            "warmup_s": cost.warmup_s,
+        },
+        "warnings": sweep.warnings,
+    }
+
+
+def csv_rows(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
+    """sweep.csv: one row per point x tenant x metric (the axes as columns, then tenant, metric,
+    n_trials, mean, std, ci_low, ci_high); n_trials counts the trials where the metric is defined."""
+    header = [*sweep.axes, "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high"]
+    rows: list[list[Any]] = []
+    for p in sweep.points:
+        for tenant, metric in sweep.rows:
+            if tenant != RUN_LEVEL and tenant not in p.tenants:
+                continue
+            e = p.get(tenant, metric)
+            rows.append([*p.values, tenant, metric, e.n, e.mean, e.std, e.ci_low, e.ci_high])
+    return header, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and text
+
+
 def write_sweep_csv(sweep: Sweep, path: Path) -> Path:
     import pandas as pd
 
@@ -44,7 +161,7 @@ def write_sweep_csv(sweep: Sweep, path: Path) -> Path:
 
 
 def write_sweep_json(sweep: Sweep, path: Path) -> Path:
-    path.write_bytes(orjson.dumps(_clean(sweep_dict(sweep)), option=orjson.OPT_INDENT_2) + b"\n")
+    path.write_bytes(orjson.dumps(clean(sweep_dict(sweep)), option=orjson.OPT_INDENT_2) + b"\n")
     return path
 
 

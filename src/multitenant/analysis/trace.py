@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from multitenant.analysis.load import NO_TIME
+from multitenant.analysis.columns import NO_TIME
 from multitenant.analysis.metrics import RunMetrics
 
 GPU_PID = 1

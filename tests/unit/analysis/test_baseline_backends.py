@@ -6,14 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from multitenant.analysis.baselines import apply_baselines, choose_baseline, describe_spec, tenant_spec
 from multitenant.analysis.load import RunData, load_run
-from multitenant.analysis.metrics import (
-    apply_baselines,
-    choose_baseline,
-    compute_run,
-    describe_spec,
-    tenant_spec,
-)
+from multitenant.analysis.metrics import compute_run
 from tests.unit.analysis.builders import RunBuilder, default_workload
 
 # config.resolved.yaml's blocks as config.py writes them (every field, defaults included).

@@ -8,16 +8,11 @@ import numpy as np
 import orjson
 import pytest
 
-from multitenant.analysis.load import (
-    NO_TIME,
-    AnalysisError,
-    find_beside,
-    find_run_dirs,
-    load_run,
-    load_runs,
-    read_events,
-)
+from multitenant.analysis.columns import NO_TIME, AnalysisError
+from multitenant.analysis.discover import find_beside, find_run_dirs
+from multitenant.analysis.load import load_run, load_runs
 from multitenant.analysis.metrics import compute_run
+from multitenant.analysis.parse import read_events
 from tests.unit.analysis.builders import BASE_NS, MS, RunBuilder, simple_run
 
 

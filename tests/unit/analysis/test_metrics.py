@@ -9,16 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from multitenant.analysis.baselines import apply_baselines, choose_baseline, newest_first
 from multitenant.analysis.load import load_run, load_runs
-from multitenant.analysis.metrics import (
-    PERCENTILES,
-    SloError,
-    apply_baselines,
-    choose_baseline,
-    compute_run,
-    newest_first,
-    parse_slo,
-)
+from multitenant.analysis.metrics import SloError, compute_run, parse_slo
+from multitenant.analysis.names import PERCENTILES
 from tests.unit.analysis.builders import (
     BASE_NS,
     GPU,

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import pytest
 
+from multitenant.analysis.baselines import apply_baselines, choose_baseline
 from multitenant.analysis.load import load_run, load_runs
-from multitenant.analysis.metrics import apply_baselines, choose_baseline, compute_run, parse_slo
+from multitenant.analysis.metrics import compute_run, parse_slo
 
 HAND = Path(__file__).resolve().parents[2] / "data" / "analysis" / "hand"
 B = 10_000_000_000_000_001

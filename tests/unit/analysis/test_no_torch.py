@@ -11,12 +11,15 @@ HAND = Path(__file__).resolve().parents[2] / "data" / "analysis" / "hand"
 PROBE = """
 import sys
 import multitenant.analysis
-from multitenant.analysis import cli, load, metrics, plots, report, sweep, sweep_plots, sweep_report, trace
+from multitenant.analysis import (
+    baselines, cli, columns, discover, load, metrics, names, parse, plots, report, requests, stats, summary,
+    sweep, sweep_cost, sweep_plots, sweep_report, tokblock, trace,
+)
 from multitenant.analysis.load import load_run
 from multitenant.analysis.metrics import compute_run
 rm = compute_run(load_run(sys.argv[1]))
 assert rm.tenants
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'vllm'))
 print(','.join(heavy) or 'clean')
 """
 

@@ -30,15 +30,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from multitenant.analysis.baselines import apply_baselines, choose_baseline, np_definition
 from multitenant.analysis.load import load_run
-from multitenant.analysis.metrics import (
-    RunMetrics,
-    apply_baselines,
-    choose_baseline,
-    compute_run,
-    np_definition,
-)
-from multitenant.analysis.report import markdown, print_terminal, summary
+from multitenant.analysis.metrics import RunMetrics, compute_run
+from multitenant.analysis.report import markdown, print_terminal
+from multitenant.analysis.summary import summary
 from tests.unit.analysis.builders import RunBuilder, TenantBuilder, default_workload
 
 approx = pytest.approx

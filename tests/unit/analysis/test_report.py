@@ -12,15 +12,12 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
+from multitenant.analysis.baselines import apply_baselines
 from multitenant.analysis.load import load_run, load_runs
-from multitenant.analysis.metrics import STAT_KEYS, apply_baselines, compute_run, parse_slo
-from multitenant.analysis.report import (
-    markdown,
-    print_terminal,
-    summary,
-    write_requests_csv,
-    write_summary_json,
-)
+from multitenant.analysis.metrics import compute_run, parse_slo
+from multitenant.analysis.names import STAT_KEYS
+from multitenant.analysis.report import markdown, print_terminal
+from multitenant.analysis.summary import summary, write_requests_csv, write_summary_json
 from tests.unit.analysis.builders import simple_run
 
 HAND = Path(__file__).resolve().parents[2] / "data" / "analysis" / "hand"

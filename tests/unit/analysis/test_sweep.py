@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from multitenant.analysis.load import find_run_dirs, load_runs
+from multitenant.analysis.discover import find_run_dirs
+from multitenant.analysis.load import load_runs
 from multitenant.analysis.metrics import compute_run, parse_slo
-from multitenant.analysis.sweep import (
-    RUN_LEVEL,
-    Sweep,
-    build_sweep,
-    csv_rows,
-    estimate,
-    sweep_dict,
-    t_quantile,
-)
+from multitenant.analysis.names import RUN_LEVEL
+from multitenant.analysis.stats import estimate, t_quantile
+from multitenant.analysis.sweep import Sweep, build_sweep
+from multitenant.analysis.sweep_report import csv_rows, sweep_dict
 from tests.unit.analysis.sweep_builders import S, job, sweep_dir
 
 T_975_2 = 4.302652729749464  # t_{0.975, 2}, from a table (4.3027)

@@ -26,9 +26,13 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from multitenant.analysis.load import NO_TIME, load_run, load_runs, read_events
-from multitenant.analysis.metrics import TTFT_SPLIT, compute_run
-from multitenant.analysis.report import markdown, print_terminal, summary, write_requests_csv
+from multitenant.analysis.columns import NO_TIME
+from multitenant.analysis.load import load_run, load_runs
+from multitenant.analysis.metrics import compute_run
+from multitenant.analysis.names import TTFT_SPLIT
+from multitenant.analysis.parse import read_events
+from multitenant.analysis.report import markdown, print_terminal
+from multitenant.analysis.summary import summary, write_requests_csv
 from tests.unit.analysis.builders import BASE_NS, MS, RunBuilder, engine_times, simple_run
 
 SPLIT_COLUMNS = tuple(f"ttft_{name}_ms" for name in TTFT_SPLIT)

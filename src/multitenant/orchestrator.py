@@ -49,7 +49,8 @@ from typing import Any
 import yaml
 
 from multitenant.config import device_index
-from multitenant.schema import MANIFEST_SCHEMA_VERSION
+from multitenant.config.schema import ShareConfig
+from multitenant.schema import MANIFEST_SCHEMA_VERSION, to_dict
 
 log = logging.getLogger("multitenant")
 
@@ -207,9 +208,10 @@ class Orchestrator:
             "trial": self.cfg["trial"],
         }
         if self.gpu_index is not None:
-            from multitenant.telemetry import gpu_info
+            from multitenant.run.telemetry import gpu_info
 
-            self.manifest["gpu"] = gpu_info(self.gpu_index)
+            gpu = gpu_info(self.gpu_index)
+            self.manifest["gpu"] = None if gpu is None else to_dict(gpu)
         self._save_manifest()
 
     def _save_manifest(self) -> None:
@@ -268,7 +270,7 @@ class Orchestrator:
     def _start_mps(self) -> None:
         if self.mode not in ("mps", "mps_external"):
             return
-        from multitenant import mps
+        from multitenant.run import mps
 
         mcfg = self.cfg["mps"]
         try:
@@ -281,13 +283,13 @@ class Orchestrator:
                 self.daemon = mps.external_daemon(mcfg.get("pipe_dir"), mcfg.get("log_dir"))
         except mps.MpsError as e:
             raise RunFailed(str(e)) from None
-        self.manifest["mps"] = mps.manifest_block(self.daemon)
+        self.manifest["mps"] = to_dict(mps.manifest_block(self.daemon))
         self._save_manifest()
 
     def _verify_mps(self) -> None:
         if self.daemon is None:
             return
-        from multitenant import mps
+        from multitenant.run import mps
 
         pids = {name: tp.popen.pid for name, tp in self.tenants.items()}
         try:
@@ -298,7 +300,7 @@ class Orchestrator:
         for name, ok in attached.items():
             self.manifest["tenants"][name]["mps_attached"] = ok
             self.manifest["tenants"][name]["mps_client_pids"] = clients[name]
-        self.manifest["mps"] = mps.manifest_block(self.daemon)
+        self.manifest["mps"] = to_dict(mps.manifest_block(self.daemon))
         self._save_manifest()
         missing = [n for n, ok in attached.items() if not ok]
         if missing:
@@ -320,13 +322,13 @@ class Orchestrator:
     def _mps_fault_reason(self) -> str | None:
         if self.daemon is None or self.daemon.log_dir is None:
             return None
-        from multitenant import mps
+        from multitenant.run import mps
 
         errors = mps.read_server_log_errors(self.daemon.log_dir)
         return errors[0] if errors else None
 
     def _start_telemetry(self) -> None:
-        from multitenant.telemetry import TelemetrySampler
+        from multitenant.run.telemetry import TelemetrySampler
 
         self.sampler = TelemetrySampler(
             self.run_dir / "telemetry.jsonl",
@@ -350,13 +352,13 @@ class Orchestrator:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         else:
-            from multitenant import mps
+            from multitenant.run import mps
 
             # mps: the daemon's GPU is the tenant's device 0 and the share is in CUDA_MPS_*;
             # timeslice: CUDA_VISIBLE_DEVICES=<GPU> and a pipe dir no daemon listens on.
             pipe = self.daemon.pipe_dir if self.daemon is not None else None
             logs = self.daemon.log_dir if self.daemon is not None else None
-            env = mps.child_env(os.environ, mps.tenant_env(t["share"], device_index(t["device"]) or 0, pipe, logs))
+            env = mps.child_env(os.environ, mps.tenant_env(ShareConfig(**t["share"]), device_index(t["device"]) or 0, pipe, logs))
         env["PYTHONUNBUFFERED"] = "1"
         env.update(cache_env(env, Path(self.cfg["cache_dir"])))
         return env
@@ -381,7 +383,7 @@ class Orchestrator:
             "name": name,
             "tenant": t,
             "events_path": str(tdir / "events.jsonl"),
-            "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",  # see mps.TENANT_DEVICE
+            "engine_device": "cpu" if self.mode == "cpu" else "cuda:0",  # see run/mps/env.py
             "mode": self.mode,
             "share_applied": self.mode in ("mps", "mps_external"),
             "gpu_total_memory_bytes": gpu.get("memory_total_bytes"),
@@ -478,10 +480,10 @@ class Orchestrator:
             code = f"killed by signal {-tp.exit_code}"
         reason = f"tenant {tp.name} failed ({code}): {why}"
         if self.daemon is not None:
-            from multitenant import mps
+            from multitenant.run import mps
 
             # MPS reports a pinned-limit overrun as a plain CUDA OOM and logs nothing: name the limit.
-            limit_cause = mps.pinned_limit_cause(tp.name, tp.cfg["share"], why + "\n" + last_line(tp.stderr_path))
+            limit_cause = mps.pinned_limit_cause(tp.name, ShareConfig(**tp.cfg["share"]), why + "\n" + last_line(tp.stderr_path))
             if limit_cause:
                 reason = f"{limit_cause} ({code}): {why}"
         return reason
@@ -606,11 +608,10 @@ class Orchestrator:
 
     def _stop_daemon(self) -> None:
         if self.daemon is not None:
-            from multitenant import mps
+            from multitenant.run import mps
 
             result = mps.stop_daemon(self.daemon, timeout_s=self.cfg["mps"]["stop_timeout_s"])
-            self.manifest["mps"] = mps.manifest_block(self.daemon)
-            self.manifest["mps"]["stop"] = {"clean": result.clean, "actions": result.actions, "left_pids": result.left_pids}
+            self.manifest["mps"] = to_dict(mps.manifest_block(self.daemon, result))
             if not result.clean:
                 log.error("MPS daemon on %s not fully stopped: pids %s left", self.daemon.pipe_dir, result.left_pids)
             elif signalled := [a for a in result.actions if a.startswith(("SIGTERM", "SIGKILL"))]:

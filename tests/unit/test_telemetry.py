@@ -1,4 +1,4 @@
-"""multitenant.telemetry without a GPU: the psutil side, scheduling, the file format, errors."""
+"""multitenant.run.telemetry without a GPU: the psutil side, scheduling, the file format, errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from multitenant import telemetry
-from multitenant.telemetry import TelemetrySampler
+from multitenant.run import telemetry
+from multitenant.run.telemetry import TelemetrySampler
 
 GPU_KEYS = {"gpu_util_pct", "mem_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "mem_clock_mhz", "temp_c"}
 

@@ -37,6 +37,9 @@ from typing import Any
 import orjson
 import psutil
 
+from multitenant.run.mps.env import MpsError, physical_device
+from multitenant.schema import GpuInfo
+
 log = logging.getLogger(__name__)
 
 COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
@@ -61,11 +64,9 @@ def _handle(nvml: Any, device_index: int) -> tuple[Any, int] | None:
     """The NVML handle of the harness's ``cuda:<device_index>`` and its NVML index.
 
     CUDA and NVML agree on indices under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (set for daemons and
-    tenants by multitenant.mps); ``CUDA_VISIBLE_DEVICES`` of the harness is followed, by index or
+    tenants by run.mps); ``CUDA_VISIBLE_DEVICES`` of the harness is followed, by index or
     by UUID. MIG instances are not supported (None).
     """
-    from multitenant.mps import MpsError, physical_device
-
     try:
         phys = physical_device(device_index)
     except MpsError:
@@ -93,7 +94,7 @@ def _text(v: Any) -> Any:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def gpu_info(device_index: int | None) -> dict[str, Any] | None:
+def gpu_info(device_index: int | None) -> GpuInfo | None:
     """The manifest's ``gpu`` block for ``cuda:<device_index>``; None without NVML. Never raises.
 
     ``sm_count`` comes from ``nvmlDeviceGetAttributes`` where the driver answers it (null
@@ -117,18 +118,18 @@ def gpu_info(device_index: int | None) -> dict[str, Any] | None:
         pers = _try(lambda: nvml.nvmlDeviceGetPersistenceMode(h))
         cmode = _try(lambda: nvml.nvmlDeviceGetComputeMode(h))
         attrs = _try(lambda: nvml.nvmlDeviceGetAttributes(h))
-        return {
-            "index": nvml_index,
-            "name": _text(_try(lambda: nvml.nvmlDeviceGetName(h))),
-            "uuid": _text(_try(lambda: nvml.nvmlDeviceGetUUID(h))),
-            "sm_count": getattr(attrs, "multiprocessorCount", None) or None,
-            "memory_total_bytes": int(mem.total) if mem is not None else None,
-            "driver_version": _text(_try(nvml.nvmlSystemGetDriverVersion)),
-            "cuda_driver_version": f"{cuda_v // 1000}.{cuda_v % 1000 // 10}" if cuda_v else None,
-            "compute_mode": COMPUTE_MODES.get(cmode, str(cmode)) if cmode is not None else None,
-            "mig_mode": None if mig is None else ("enabled" if mig[0] else "disabled"),
-            "persistence_mode": None if pers is None else ("enabled" if pers else "disabled"),
-        }
+        return GpuInfo(
+            index=nvml_index,
+            name=_text(_try(lambda: nvml.nvmlDeviceGetName(h))),
+            uuid=_text(_try(lambda: nvml.nvmlDeviceGetUUID(h))),
+            sm_count=getattr(attrs, "multiprocessorCount", None) or None,
+            memory_total_bytes=int(mem.total) if mem is not None else None,
+            driver_version=_text(_try(nvml.nvmlSystemGetDriverVersion)),
+            cuda_driver_version=f"{cuda_v // 1000}.{cuda_v % 1000 // 10}" if cuda_v else None,
+            compute_mode=COMPUTE_MODES.get(cmode, str(cmode)) if cmode is not None else None,
+            mig_mode=None if mig is None else ("enabled" if mig[0] else "disabled"),
+            persistence_mode=None if pers is None else ("enabled" if pers else "disabled"),
+        )
     finally:
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()

@@ -1,0 +1,212 @@
+"""The host a run runs on: its fingerprint at the start (``host_fingerprint``), the CPU's steal
+and iowait over a window (``cpu_stat`` twice, then ``steal_iowait_pct``), and the CPU time of a
+tenant's whole process tree (``ProcessTrees``), which the telemetry sampler turns into
+``tenant_cpu_pct`` and the window's ``tenant_cpu_s``.
+
+Everything here is cheap (a few small /proc and /sys reads, one optional ``systemd-detect-virt``
+of at most 2 s, once per run) and never raises: what cannot be read is None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from multitenant.schema import HostInfo
+
+# /proc/version of gVisor (runsc): a fixed, made-up Linux 4.4.0 banner.
+GVISOR_VERSION_MARK = "#1 SMP Sun Jan 10 15:06:54 PST 2016"
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _cpuinfo_field(text: str | None, key: str) -> str | None:
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
+def virtualization() -> tuple[str | None, list[str]]:
+    """(hint, evidence): ``"gvisor"``, a hypervisor name from ``systemd-detect-virt --vm``,
+    ``"vm"`` (the CPU's ``hypervisor`` flag alone), ``"none"``, or None when nothing could be
+    read; evidence lists what each source said."""
+    evidence: list[str] = []
+    version = _read("/proc/version")
+    if version and GVISOR_VERSION_MARK in version:
+        evidence.append("/proc/version: gVisor's fixed banner")
+        return "gvisor", evidence
+    name: str | None = None
+    tool = shutil.which("systemd-detect-virt")
+    if tool:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([tool, "--vm"], capture_output=True, text=True, timeout=2).stdout.strip()
+            if out:
+                evidence.append(f"systemd-detect-virt --vm: {out}")
+                name = out
+    vendor = _read("/sys/class/dmi/id/sys_vendor")
+    if vendor and vendor.strip():
+        evidence.append(f"dmi sys_vendor: {vendor.strip()}")
+    flags = _cpuinfo_field(_read("/proc/cpuinfo"), "flags")
+    if flags is not None:
+        has = "hypervisor" in flags.split()
+        evidence.append(f"cpu flag hypervisor: {'yes' if has else 'no'}")
+        if name in (None, "none") and has:
+            name = "vm"
+        elif name is None:
+            name = "none"
+    return name, evidence
+
+
+def host_fingerprint() -> HostInfo:
+    """The manifest's ``host`` block: name, OS, Python, CPU (model, cores, frequency), load at
+    the start, virtualization hint, kernel and memory. Never raises."""
+    info = HostInfo(
+        hostname=socket.gethostname(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        kernel=platform.release(),
+    )
+    info.cpu_model = _cpuinfo_field(_read("/proc/cpuinfo"), "model name") or platform.processor() or None
+    with contextlib.suppress(Exception):
+        info.logical_cores = psutil.cpu_count(logical=True)
+        info.physical_cores = psutil.cpu_count(logical=False)
+    with contextlib.suppress(Exception):
+        freq = psutil.cpu_freq()
+        if freq is not None:
+            # min/max are 0 where the kernel does not expose them (a VM): null, not 0 MHz
+            info.cpu_freq_mhz = {k: round(v, 1) for k, v in freq._asdict().items() if v}
+    with contextlib.suppress(OSError, AttributeError):
+        info.load_avg_1m, info.load_avg_5m, info.load_avg_15m = (round(x, 2) for x in os.getloadavg())
+    with contextlib.suppress(Exception):
+        info.total_memory_bytes = int(psutil.virtual_memory().total)
+    info.virtualization, info.virtualization_evidence = virtualization()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Steal and iowait
+
+
+@dataclass(frozen=True)
+class CpuStat:
+    """The aggregate ``cpu`` line of /proc/stat, in clock ticks (all CPUs together)."""
+
+    total: int  # user+nice+system+idle+iowait+irq+softirq+steal (guest is inside user)
+    iowait: int
+    steal: int
+
+
+def cpu_stat(path: str = "/proc/stat") -> CpuStat | None:
+    """The counters now; None where /proc/stat is absent or unreadable."""
+    text = _read(path)
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu":
+            try:
+                v = [int(x) for x in parts[1:9]] + [0] * (8 - len(parts[1:9]))
+            except ValueError:
+                return None
+            return CpuStat(total=sum(v), iowait=v[4], steal=v[7])
+    return None
+
+
+def steal_iowait_pct(a: CpuStat | None, b: CpuStat | None) -> tuple[float | None, float | None]:
+    """(steal %, iowait %) of all CPU time between two readings; None where not measurable."""
+    if a is None or b is None or b.total <= a.total:
+        return None, None
+    dt = b.total - a.total
+    return round(100.0 * (b.steal - a.steal) / dt, 2), round(100.0 * (b.iowait - a.iowait) / dt, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU time of process trees
+
+
+def _cpu_seconds(times: psutil._common.pcputimes) -> float:  # type: ignore[name-defined]
+    # children_*: what the process's waited-for (reaped) descendants used, so a child that
+    # exited between two readings still counts, through the parent that reaped it.
+    return float(times.user + times.system + getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0))
+
+
+class ProcessTrees:
+    """CPU seconds of each tenant's whole process tree: the tenant and every descendant (a vLLM
+    engine core, a launched server and its workers), found anew at each reading, so processes
+    that start later join. psutil.Process objects are kept across readings (one per PID, checked
+    by its start time) so a reading costs one /proc scan for the parent links plus one stat read
+    per member.
+
+    The seconds are cumulative (user+system of the live members, plus what their reaped
+    children used), so a rate over an interval is the difference of two readings; a descendant
+    that is not reaped by a member of the tree (re-parented to init) takes its time with it when
+    it exits, which can lower the sum: differences are clamped at 0 by the callers.
+    Thread-safe: the sampler thread and the orchestrator may read at the same time.
+    """
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+        self._lock = threading.Lock()
+        self.members: dict[str, list[int]] = {}  # the last reading's trees, by tenant
+
+    def _children_map(self) -> dict[int, list[int]]:
+        children: dict[int, list[int]] = {}
+        for p in psutil.process_iter(["ppid"]):
+            ppid = p.info.get("ppid")
+            if ppid:
+                children.setdefault(int(ppid), []).append(p.pid)
+        return children
+
+    def _process(self, pid: int) -> psutil.Process:
+        p = self._procs.get(pid)
+        if p is None or not p.is_running():  # is_running compares the start time: PID reuse
+            p = psutil.Process(pid)
+            self._procs[pid] = p
+        return p
+
+    def cpu_seconds(self, roots: Mapping[str, int]) -> dict[str, float]:
+        """{tenant: cumulative CPU seconds of its tree} for the tenants whose root is alive."""
+        with self._lock:
+            children = self._children_map() if roots else {}
+            out: dict[str, float] = {}
+            members: dict[str, list[int]] = {}
+            seen: set[int] = set()
+            for name, root in roots.items():
+                tree, todo = [], [root]
+                while todo:
+                    pid = todo.pop()
+                    if pid in tree:
+                        continue
+                    tree.append(pid)
+                    todo.extend(children.get(pid, ()))
+                total, alive = 0.0, []
+                for pid in tree:
+                    try:
+                        total += _cpu_seconds(self._process(pid).cpu_times())
+                        alive.append(pid)
+                    except psutil.Error:
+                        self._procs.pop(pid, None)
+                if root in alive:
+                    out[name] = total
+                    members[name] = alive
+                    seen.update(alive)
+            for pid in [p for p in self._procs if p not in seen]:
+                del self._procs[pid]
+            self.members = members
+            return out

@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from multitenant.run.telemetry import TelemetrySampler, gpu_info
+from multitenant.run.host import gpu_info
+from multitenant.run.telemetry import TelemetrySampler
 from multitenant.schema import to_dict
 
 TENANT = r"""

@@ -208,7 +208,7 @@ class Orchestrator:
             "trial": self.cfg["trial"],
         }
         if self.gpu_index is not None:
-            from multitenant.run.telemetry import gpu_info
+            from multitenant.run.host import gpu_info
 
             gpu = gpu_info(self.gpu_index)
             self.manifest["gpu"] = None if gpu is None else to_dict(gpu)

@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from multitenant.config.schema import ShareConfig  # noqa: E402
-from multitenant.run import telemetry  # noqa: E402
+from multitenant.run import host, telemetry  # noqa: E402
 from multitenant.run.mps import MpsDaemon, MpsError  # noqa: E402
 from multitenant.run.mps import control as mps_control  # noqa: E402
 from multitenant.run.mps import daemon as mps_daemon  # noqa: E402
@@ -249,7 +249,7 @@ def test_client_fault_reaches_the_other_client_and_the_log(daemon: MpsDaemon) ->
 
 
 def test_gpu_info_and_sampler_on_the_gpu(daemon: MpsDaemon, tmp_path: Path) -> None:
-    info = telemetry.gpu_info(0)
+    info = host.gpu_info(0)
     assert info is not None and (info.uuid or "").startswith("GPU-") and (info.memory_total_bytes or 0) > 0
     c = Client(_env(daemon, {"active_thread_pct": 50}))
     try:

@@ -1,7 +1,8 @@
-"""The host a run runs on: its fingerprint at the start (``host_fingerprint``), the CPU's steal
-and iowait over a window (``cpu_stat`` twice, then ``steal_iowait_pct``), and the CPU time of a
+"""The machine a run runs on: its fingerprint at the start (``host_fingerprint``), the CPU's
+steal and iowait over a window (``cpu_stat`` twice, then ``steal_iowait_pct``), the CPU time of a
 tenant's whole process tree (``ProcessTrees``), which the telemetry sampler turns into
-``tenant_cpu_pct`` and the window's ``tenant_cpu_s``.
+``tenant_cpu_pct`` and the window's ``tenant_cpu_s``; and the GPU through NVML: ``gpu_info``
+(the manifest's ``gpu`` block) and ``GpmActivity`` (the GPM metrics the sampler records).
 
 Everything here is cheap (a few small /proc and /sys reads, one optional ``systemd-detect-virt``
 of at most 2 s, once per run) and never raises: what cannot be read is None.
@@ -16,14 +17,27 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from multitenant.schema import HostInfo
+from multitenant.run.mps.env import MpsError, physical_device
+from multitenant.schema import GpuInfo, HostInfo
 
+COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
+# NVML GPM metrics (telemetry key, pynvml constant), computed between two GPM samples.
+GPM_METRICS = (
+    ("sm_active_pct", "NVML_GPM_METRIC_SM_UTIL"),
+    ("sm_occupancy_pct", "NVML_GPM_METRIC_SM_OCCUPANCY"),
+    ("dram_bw_pct", "NVML_GPM_METRIC_DRAM_BW_UTIL"),
+    ("tensor_active_pct", "NVML_GPM_METRIC_ANY_TENSOR_UTIL"),
+)
+# GPM samples closer than this give noisy metrics: a faster telemetry clock repeats the last values.
+GPM_MIN_INTERVAL_NS = 100_000_000
 # /proc/version of gVisor (runsc): a fixed, made-up Linux 4.4.0 banner.
 GVISOR_VERSION_MARK = "#1 SMP Sun Jan 10 15:06:54 PST 2016"
 
@@ -140,7 +154,7 @@ def steal_iowait_pct(a: CpuStat | None, b: CpuStat | None) -> tuple[float | None
 # CPU time of process trees
 
 
-def _cpu_seconds(times: psutil._common.pcputimes) -> float:  # type: ignore[name-defined]
+def _cpu_seconds(times: Any) -> float:
     # children_*: what the process's waited-for (reaped) descendants used, so a child that
     # exited between two readings still counts, through the parent that reaped it.
     return float(times.user + times.system + getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0))
@@ -210,3 +224,139 @@ class ProcessTrees:
                 del self._procs[pid]
             self.members = members
             return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU (NVML)
+
+
+def nvml_init() -> Any:
+    """pynvml after a successful nvmlInit, else None (no library, no driver, no GPU)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
+        return None
+
+
+def nvml_handle(nvml: Any, device_index: int) -> tuple[Any, int] | None:
+    """The NVML handle of the harness's ``cuda:<device_index>`` and its NVML index.
+
+    CUDA and NVML agree on indices under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (set for daemons and
+    tenants by run.mps); ``CUDA_VISIBLE_DEVICES`` of the harness is followed, by index or
+    by UUID. MIG instances are not supported (None).
+    """
+    try:
+        phys = physical_device(device_index)
+    except MpsError:
+        return None
+    try:
+        if phys.isdigit():
+            h = nvml.nvmlDeviceGetHandleByIndex(int(phys))
+            return h, int(phys)
+        if phys.startswith("GPU-"):
+            h = nvml.nvmlDeviceGetHandleByUUID(phys)
+            return h, int(nvml.nvmlDeviceGetIndex(h))
+    except Exception:
+        return None
+    return None
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def _text(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def gpu_info(device_index: int | None) -> GpuInfo | None:
+    """The manifest's ``gpu`` block for ``cuda:<device_index>``; None without NVML. Never raises.
+
+    ``sm_count`` comes from ``nvmlDeviceGetAttributes`` where the driver answers it (null
+    otherwise: NVML has no general SM-count query; the tenants report the SMs they see).
+    ``cuda_driver_version`` is the CUDA version the driver supports, e.g. "13.0".
+    Compute mode, MIG mode and persistence mode are read, never changed.
+    """
+    if device_index is None:
+        return None
+    nvml = nvml_init()
+    if nvml is None:
+        return None
+    try:
+        found = nvml_handle(nvml, device_index)
+        if found is None:
+            return None
+        h, nvml_index = found
+        mem = _try(lambda: nvml.nvmlDeviceGetMemoryInfo(h))
+        cuda_v = _try(nvml.nvmlSystemGetCudaDriverVersion_v2) or _try(nvml.nvmlSystemGetCudaDriverVersion)
+        mig = _try(lambda: nvml.nvmlDeviceGetMigMode(h))
+        pers = _try(lambda: nvml.nvmlDeviceGetPersistenceMode(h))
+        cmode = _try(lambda: nvml.nvmlDeviceGetComputeMode(h))
+        attrs = _try(lambda: nvml.nvmlDeviceGetAttributes(h))
+        power_limit = _try(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(h))
+        return GpuInfo(
+            index=nvml_index,
+            name=_text(_try(lambda: nvml.nvmlDeviceGetName(h))),
+            uuid=_text(_try(lambda: nvml.nvmlDeviceGetUUID(h))),
+            sm_count=getattr(attrs, "multiprocessorCount", None) or None,
+            memory_total_bytes=int(mem.total) if mem is not None else None,
+            driver_version=_text(_try(nvml.nvmlSystemGetDriverVersion)),
+            cuda_driver_version=f"{cuda_v // 1000}.{cuda_v % 1000 // 10}" if cuda_v else None,
+            compute_mode=COMPUTE_MODES.get(cmode, str(cmode)) if cmode is not None else None,
+            mig_mode=None if mig is None else ("enabled" if mig[0] else "disabled"),
+            persistence_mode=None if pers is None else ("enabled" if pers else "disabled"),
+            power_limit_w=power_limit / 1000.0 if power_limit is not None else None,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+
+
+class GpmActivity:
+    """NVML GPM device metrics (``GPM_METRICS``) between consecutive ``read()`` calls. Raises from
+    the constructor where the GPU (or driver) has no GPM; the caller falls back."""
+
+    def __init__(self, nvml: Any, handle: Any) -> None:
+        if not nvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice:
+            raise RuntimeError("GPM is not supported on this GPU (Hopper or later has it)")
+        self._nvml, self._handle = nvml, handle
+        self._ids = [(key, getattr(nvml, const)) for key, const in GPM_METRICS]
+        self._prev = nvml.nvmlGpmSampleAlloc()
+        self._cur = nvml.nvmlGpmSampleAlloc()
+        nvml.nvmlGpmSampleGet(handle, self._prev)
+        self._prev_ns = time.monotonic_ns()
+        self._last: dict[str, float] = {}
+
+    def read(self) -> dict[str, float]:
+        """The metrics since the previous read (the last values again if that was under 100 ms)."""
+        now = time.monotonic_ns()
+        if now - self._prev_ns < GPM_MIN_INTERVAL_NS:
+            return self._last
+        nvml = self._nvml
+        nvml.nvmlGpmSampleGet(self._handle, self._cur)
+        get = nvml.c_nvmlGpmMetricsGet_t()
+        get.version = nvml.NVML_GPM_METRICS_GET_VERSION
+        get.numMetrics = len(self._ids)
+        get.sample1, get.sample2 = self._prev, self._cur
+        for i, (_, metric_id) in enumerate(self._ids):
+            get.metrics[i].metricId = metric_id
+        nvml.nvmlGpmMetricsGet(get)
+        self._prev, self._cur, self._prev_ns = self._cur, self._prev, now
+        ok = nvml.NVML_SUCCESS
+        self._last = {
+            key: round(float(get.metrics[i].value), 1)
+            for i, (key, _) in enumerate(self._ids)
+            if get.metrics[i].nvmlReturn == ok
+        }
+        return self._last
+
+    def close(self) -> None:
+        for sample in (self._prev, self._cur):
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlGpmSampleFree(sample)

@@ -336,3 +336,30 @@ def test_tenant_cpu_counts_the_busy_child_of_an_idle_tenant(tmp_path: Path) -> N
     if Path("/proc/stat").exists():
         assert act.steal_pct is not None and 0 <= act.steal_pct <= 100
         assert act.iowait_pct is not None and 0 <= act.iowait_pct <= 100
+
+
+def test_gpm_request_fits_pynvml_structures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request is built in pynvml's own ctypes structures (only the NVML calls are faked)."""
+    pynvml = pytest.importorskip("pynvml")
+    got: dict = {}
+
+    def metrics_get(get: object) -> object:
+        got["ids"] = [get.metrics[i].metricId for i in range(get.numMetrics)]  # type: ignore[attr-defined]
+        got["version"] = get.version  # type: ignore[attr-defined]
+        for i in range(get.numMetrics):  # type: ignore[attr-defined]
+            get.metrics[i].value = 10.0 * (i + 1)  # type: ignore[attr-defined]
+        get.metrics[1].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED  # type: ignore[attr-defined]
+        return get
+
+    monkeypatch.setattr(pynvml, "nvmlGpmQueryDeviceSupport", lambda h: type("S", (), {"isSupportedDevice": 1})())
+    monkeypatch.setattr(pynvml, "nvmlGpmSampleAlloc", pynvml.c_nvmlGpmSample_t)
+    monkeypatch.setattr(pynvml, "nvmlGpmSampleGet", lambda h, sample: sample)
+    monkeypatch.setattr(pynvml, "nvmlGpmSampleFree", lambda sample: None)
+    monkeypatch.setattr(pynvml, "nvmlGpmMetricsGet", metrics_get)
+    gpm = host.GpmActivity(pynvml, None)
+    gpm._prev_ns -= 200_000_000
+    assert gpm.read() == {"sm_active_pct": 10.0, "dram_bw_pct": 30.0, "tensor_active_pct": 40.0}
+    assert got == {"ids": [pynvml.NVML_GPM_METRIC_SM_UTIL, pynvml.NVML_GPM_METRIC_SM_OCCUPANCY,
+                           pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL],
+                   "version": pynvml.NVML_GPM_METRICS_GET_VERSION}  # fmt: skip
+    gpm.close()

@@ -160,17 +160,41 @@ def _cpu_seconds(times: Any) -> float:
     return float(times.user + times.system + getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0))
 
 
+def _children_map() -> dict[int, list[int]]:
+    """{pid: its child pids} of every process, from /proc/<pid>/stat (about 13 us a process;
+    psutil.process_iter takes about 40)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return children
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            ppid = int(data[data.rfind(b")") + 2 :].split(b" ", 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    return children
+
+
 class ProcessTrees:
     """CPU seconds of each tenant's whole process tree: the tenant and every descendant (a vLLM
-    engine core, a launched server and its workers), found anew at each reading, so processes
-    that start later join. psutil.Process objects are kept across readings (one per PID, checked
-    by its start time) so a reading costs one /proc scan for the parent links plus one stat read
-    per member.
+    engine core, a launched server and its workers). The trees are found anew by a /proc scan
+    (``rescan=True``, which the sampler asks for once a second and whenever a tenant is new), so
+    processes that start later join; in between, the known members' psutil.Process objects are
+    read again (one stat read each).
 
-    The seconds are cumulative (user+system of the live members, plus what their reaped
-    children used), so a rate over an interval is the difference of two readings; a descendant
-    that is not reaped by a member of the tree (re-parented to init) takes its time with it when
-    it exits, which can lower the sum: differences are clamped at 0 by the callers.
+    The seconds are cumulative: user+system of the live members plus what their reaped children
+    used (``children_user``/``children_system``), so a child that exits between two readings
+    still counts through the member that reaped it, and the difference of two readings is the
+    tree's CPU time in between. A process that joins at a rescan brings the CPU it used since it
+    started into that interval (a rate may spike once, at a process start; the seconds stay
+    right). A descendant not reaped by a member (re-parented to init) takes its time with it
+    when it exits, which can lower the sum: callers clamp differences at 0.
     Thread-safe: the sampler thread and the orchestrator may read at the same time.
     """
 
@@ -178,37 +202,24 @@ class ProcessTrees:
         self._procs: dict[int, psutil.Process] = {}
         self._lock = threading.Lock()
         self.members: dict[str, list[int]] = {}  # the last reading's trees, by tenant
-
-    def _children_map(self) -> dict[int, list[int]]:
-        children: dict[int, list[int]] = {}
-        for p in psutil.process_iter(["ppid"]):
-            ppid = p.info.get("ppid")
-            if ppid:
-                children.setdefault(int(ppid), []).append(p.pid)
-        return children
+        self._roots: dict[str, int] = {}
 
     def _process(self, pid: int) -> psutil.Process:
         p = self._procs.get(pid)
-        if p is None or not p.is_running():  # is_running compares the start time: PID reuse
+        if p is None:
             p = psutil.Process(pid)
             self._procs[pid] = p
         return p
 
-    def cpu_seconds(self, roots: Mapping[str, int]) -> dict[str, float]:
+    def cpu_seconds(self, roots: Mapping[str, int], rescan: bool = True) -> dict[str, float]:
         """{tenant: cumulative CPU seconds of its tree} for the tenants whose root is alive."""
         with self._lock:
-            children = self._children_map() if roots else {}
+            rescan = rescan or any(self._roots.get(n) != pid for n, pid in roots.items())
+            children = _children_map() if rescan and roots else {}
             out: dict[str, float] = {}
             members: dict[str, list[int]] = {}
-            seen: set[int] = set()
             for name, root in roots.items():
-                tree, todo = [], [root]
-                while todo:
-                    pid = todo.pop()
-                    if pid in tree:
-                        continue
-                    tree.append(pid)
-                    todo.extend(children.get(pid, ()))
+                tree = self._tree(root, children) if rescan else self.members.get(name, [root])
                 total, alive = 0.0, []
                 for pid in tree:
                     try:
@@ -219,11 +230,22 @@ class ProcessTrees:
                 if root in alive:
                     out[name] = total
                     members[name] = alive
-                    seen.update(alive)
+            seen = {pid for tree in members.values() for pid in tree}
             for pid in [p for p in self._procs if p not in seen]:
                 del self._procs[pid]
-            self.members = members
+            self.members, self._roots = members, dict(roots)
             return out
+
+    @staticmethod
+    def _tree(root: int, children: Mapping[int, list[int]]) -> list[int]:
+        tree: list[int] = []
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            if pid not in tree:
+                tree.append(pid)
+                todo.extend(children.get(pid, ()))
+        return tree
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ FLUSH_INTERVAL_NS = 1_000_000_000
 # Per-process GPU memory is refreshed at most this often (NVML's process query is the costliest
 # call of a sample, and a tenant's memory changes slowly); samples in between repeat it.
 PROC_MEM_REFRESH_NS = 1_000_000_000
+# A tenant's process tree is found anew (a /proc scan) at most this often; samples in between
+# read the known members (host.ProcessTrees).
+TREE_RESCAN_NS = 1_000_000_000
 CLOCK_KEYS = ("sm_clock_mhz", "mem_clock_mhz")  # their range over the window is kept
 
 
@@ -100,6 +103,7 @@ class TelemetrySampler:
         self.activity_source: str | None = None  # "gpm" | "utilization" | None (no NVML)
         self._gpm: GpmActivity | None = None
         self._trees = ProcessTrees()
+        self._tree_scan_ns = -TREE_RESCAN_NS
         self._cpu_prev: dict[str, tuple[int, float]] = {}  # tenant -> (t, tree CPU seconds)
         self._cpu_last: dict[str, float] = {}  # tenant -> its tree's CPU seconds when last seen
         self._lock = threading.Lock()  # the window's clock range and CPU readings
@@ -276,7 +280,10 @@ class TelemetrySampler:
 
     def _cpu_pct(self, pids: Mapping[str, int], t: int) -> dict[str, float]:
         """CPU % of each tenant's tree since its previous sample; a new tenant is primed."""
-        seconds = self._trees.cpu_seconds(pids)
+        rescan = t - self._tree_scan_ns >= TREE_RESCAN_NS
+        if rescan:
+            self._tree_scan_ns = t
+        seconds = self._trees.cpu_seconds(pids, rescan=rescan)
         out: dict[str, float] = {}
         for name, sec in seconds.items():
             prev = self._cpu_prev.get(name)

@@ -270,7 +270,7 @@ def test_without_gpm_activity_comes_from_the_utilization_rates(tmp_path: Path) -
     s = TelemetrySampler(tmp_path / "t.jsonl", None, 100, dict)
     s._use_nvml(_FakeGpuNvml(gpm=False), "h")
     assert s.activity_source == "utilization"
-    assert any(e.startswith("nvml gpm:") for e in s.errors)
+    assert s.errors == [] and "RuntimeError: NVMLError_NotSupported" in (s.activity_note or "")
     rec = s.sample()
     assert (rec["sm_active_pct"], rec["dram_bw_pct"]) == (93, 47)
     assert "sm_occupancy_pct" not in rec and "tensor_active_pct" not in rec
@@ -363,3 +363,20 @@ def test_gpm_request_fits_pynvml_structures(monkeypatch: pytest.MonkeyPatch) -> 
                            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL],
                    "version": pynvml.NVML_GPM_METRICS_GET_VERSION}  # fmt: skip
     gpm.close()
+
+
+def test_gpm_failing_mid_run_falls_back_to_the_utilization_rates(tmp_path: Path) -> None:
+    fake = _FakeGpuNvml(gpm=True)
+    s = TelemetrySampler(tmp_path / "t.jsonl", None, 100, dict)
+    s._use_nvml(fake, "h")
+    first = _samples(s, 1)[0]
+
+    def broken(get: object) -> object:
+        raise RuntimeError("NVMLError_Unknown")
+
+    fake.nvmlGpmMetricsGet = broken  # type: ignore[method-assign]
+    later = _samples(s, 2)
+    assert first["sm_occupancy_pct"] == 42.3
+    assert [r["sm_active_pct"] for r in later] == [93, 93] and "sm_occupancy_pct" not in later[0]
+    assert s.activity_source == "utilization" and s.errors == ["nvml gpm: RuntimeError: NVMLError_Unknown"]
+    assert fake.freed == 2

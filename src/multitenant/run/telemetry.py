@@ -101,6 +101,7 @@ class TelemetrySampler:
         self._handle: Any = None
         self._gpu_fields: dict[str, Callable[[], Any]] = {}
         self.activity_source: str | None = None  # "gpm" | "utilization" | None (no NVML)
+        self.activity_note: str | None = None  # why the source is not GPM
         self._gpm: GpmActivity | None = None
         self._trees = ProcessTrees()
         self._tree_scan_ns = -TREE_RESCAN_NS
@@ -162,6 +163,7 @@ class TelemetrySampler:
             "late_samples": self.late_samples,
             "cpu_ns_per_sample": self.sample_cpu_ns // self.samples if self.samples else None,
             "activity_source": self.activity_source,
+            "activity_note": self.activity_note,
             "errors": list(self.errors),
         }
 
@@ -193,7 +195,8 @@ class TelemetrySampler:
             self._gpm = GpmActivity(nvml, h)
             self.activity_source = "gpm"
         except Exception as e:
-            self.errors.append(f"nvml gpm: {type(e).__name__}: {e}; activity from the utilization rates")
+            # Not an error: GPUs before Hopper have no GPM.
+            self.activity_note = f"no GPM ({type(e).__name__}: {e}); activity from the utilization rates"
             self.activity_source = "utilization"
         self._gpu_fields = {
             "util": lambda: nvml.nvmlDeviceGetUtilizationRates(h),
@@ -328,7 +331,8 @@ class TelemetrySampler:
 
     def window_activity(self) -> HostActivity:
         """Call at the window's end (t1): steal/iowait, each tenant's CPU seconds, the GPU clock
-        range and the activity source since ``mark_window`` (``schema.HostActivity``)."""
+        range and the activity source since ``mark_window`` (``schema.HostActivity``). Without a
+        ``mark_window`` before, the window's fields stay null (the clock range is then the run's)."""
         stat = cpu_stat()
         cpu = self.tenant_cpu_seconds()
         with self._lock:

@@ -235,7 +235,8 @@ class TelemetrySampler:
 
     def sample(self, t: int | None = None) -> dict[str, Any]:
         """One telemetry record (also usable without the thread, e.g. by a benchmark)."""
-        rec: dict[str, Any] = {"t": time.monotonic_ns() if t is None else t}
+        t = time.monotonic_ns() if t is None else t
+        rec: dict[str, Any] = {"t": t}
         for name, fn in list(self._gpu_fields.items()):
             try:
                 v = fn()
@@ -251,10 +252,10 @@ class TelemetrySampler:
         self._activity(rec)
         self._clock_range(rec)
         pids = dict(self.tenant_pids())
-        rec["tenant_cpu_pct"] = self._cpu_pct(pids, rec["t"])
-        if self._nvml is not None and self._proc_mem_ok and rec["t"] - self._proc_mem_ns >= PROC_MEM_REFRESH_NS:
+        rec["tenant_cpu_pct"] = self._cpu_pct(pids, t)
+        if self._nvml is not None and self._proc_mem_ok and t - self._proc_mem_ns >= PROC_MEM_REFRESH_NS:
             self._proc_mem = self._gpu_mem(pids)
-            self._proc_mem_ns = rec["t"]
+            self._proc_mem_ns = t
         rec["tenant_gpu_mem_bytes"] = {n: b for n, b in self._proc_mem.items() if n in pids}
         return rec
 

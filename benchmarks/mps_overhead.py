@@ -3,7 +3,7 @@
 Each configuration is a fresh tenant process (``--child``) running the same engine (default:
 graphs, synthetic Llama-3.2-1B, bf16, batch 8, 512 in / 128 out) on the same batches. Without
 MPS it gets the time-slice environment the harness gives a ``timeslice`` tenant; under MPS one
-private control daemon (``multitenant.mps.start_daemon``: its own pipe and log directory) serves
+private control daemon (``multitenant.run.mps.start_daemon``: its own pipe and log directory) serves
 every configuration, each child with its ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``; the daemon is
 stopped at the end in every case (also on SIGTERM). After a child is warm the parent checks that
 it is a client of the daemon's server (``verify_clients``) before letting it measure.
@@ -81,7 +81,7 @@ def child(args: argparse.Namespace) -> int:
 
 
 def run_child(args: argparse.Namespace, label: str, env: dict[str, str], daemon: Any = None) -> dict[str, Any]:
-    from multitenant import mps
+    from multitenant.run.mps import control as mps_control
 
     cmd = [sys.executable, __file__, "--child"] + [
         f"--{k.replace('_', '-')}={v}"
@@ -97,8 +97,8 @@ def run_child(args: argparse.Namespace, label: str, env: dict[str, str], daemon:
             if line.startswith("READY "):
                 row["ready"] = json.loads(line[6:])
                 if daemon is not None:
-                    row["mps_attached"] = mps.verify_clients(daemon, {label: p.pid})[label]
-                    row["mps_clients"] = mps.all_client_pids(daemon)
+                    row["mps_attached"] = mps_control.verify_clients(daemon, {label: p.pid})[label]
+                    row["mps_clients"] = mps_control.all_client_pids(daemon)
                 p.stdin.write("go\n")
                 p.stdin.flush()
             elif line.startswith("RESULT "):
@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
 
-    from multitenant import mps
+    from multitenant.config.schema import ShareConfig
+    from multitenant.run.mps import control as mps_control
+    from multitenant.run.mps import daemon as mps_daemon
+    from multitenant.run.mps import env as mps_env
+    from multitenant.run.mps import logs as mps_logs
 
     # SIGTERM (e.g. from `timeout`) must still run the finally that stops the daemon.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -149,29 +153,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
 
-    base = mps.child_env(os.environ, mps.tenant_env({}, 0, None, None))
+    base = mps_env.child_env(os.environ, mps_env.tenant_env(ShareConfig(), 0, None, None))
     result["rows"].append(run_child(args, "no_mps", base))
     save()
-    if mps.control_binary() is None:
+    if mps_control.control_binary() is None:
         result["mps_error"] = "nvidia-cuda-mps-control not found"
     else:
         pipe = Path(args.pipe_dir or tempfile.mkdtemp(prefix="mtb-mps-", dir="/tmp"))
         log = Path(tempfile.mkdtemp(prefix="mtb-mpslog-", dir="/tmp"))
         daemon = None
         try:
-            daemon = mps.start_daemon(pipe, log, 0)
+            daemon = mps_daemon.start_daemon(pipe, log, 0)
             result["daemon"] = {"pipe_dir": str(pipe), "log_dir": str(log), "control_pid": daemon.control_pid}
             for pct in [int(x) for x in args.pcts.split(",")]:
-                env = mps.child_env(os.environ, mps.tenant_env({"active_thread_pct": pct}, 0, daemon.pipe_dir, daemon.log_dir))
+                env = mps_env.child_env(os.environ, mps_env.tenant_env(ShareConfig(active_thread_pct=pct), 0, daemon.pipe_dir, daemon.log_dir))
                 result["rows"].append(run_child(args, f"mps_{pct}", env, daemon))
                 save()
         except Exception as e:
             result["mps_error"] = f"{type(e).__name__}: {e}"
         finally:
             if daemon is not None:
-                stop = mps.stop_daemon(daemon)
+                stop = mps_daemon.stop_daemon(daemon)
                 result["daemon_stop"] = {"clean": stop.clean, "actions": stop.actions, "left_pids": stop.left_pids}
-                result["server_log_errors"] = mps.read_server_log_errors(log)
+                result["server_log_errors"] = mps_logs.read_server_log_errors(log)
     ref = next((r["tok_s"] for r in result["rows"] if r["config"] == "no_mps" and "tok_s" in r), None)
     print("\n## one graphs tenant alone: without MPS and under MPS")
     print("| config | SMs seen | tok/s | ms/step | TTFT ms | ratio to no MPS | attached |")

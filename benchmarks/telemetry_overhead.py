@@ -29,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from multitenant.telemetry import TelemetrySampler, gpu_info
+from multitenant.run.host import gpu_info
+from multitenant.run.telemetry import TelemetrySampler
+from multitenant.schema import to_dict
 
 TENANT = r"""
 import json, sys, time, torch
@@ -199,7 +201,7 @@ def main() -> int:
     res = {
         "machine": {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
-        "gpu": gpu_info(0),
+        "gpu": None if (info := gpu_info(0)) is None else to_dict(info),
         "cpu": cpu_part(args.tenants, args.direct, args.run_s),
     }
     res["nvml_sources"] = source_costs(200)

@@ -200,14 +200,14 @@ done
 
 fi  # part 1
 
-step "part 2: tests/gpu/test_mps.py"
+step "part 2: tests/gpu/test_mps.py tests/gpu/test_telemetry_gpu.py"
 if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
 mkdir -p "$W/evidence"
-MT_GPU_EVIDENCE_DIR=$W/evidence timeout 240 $PY -m pytest tests/gpu/test_mps.py -v -s -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest.log" | grep -E "EVIDENCE|PASS|FAIL|ERROR|passed|failed|skipped|Error" | cut -c1-1500
+MT_GPU_EVIDENCE_DIR=$W/evidence timeout 300 $PY -m pytest tests/gpu/test_mps.py tests/gpu/test_telemetry_gpu.py -v -s -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest.log" | grep -E "EVIDENCE|PASS|FAIL|ERROR|passed|failed|skipped|Error" | cut -c1-1500
 step "benchmarks/telemetry_overhead.py"
 timeout 150 $PY benchmarks/telemetry_overhead.py --out "$OUT/telemetry_overhead.json" --run-s 2 --lead-s 10
 step "unit tests (test double) on this machine"
-timeout 90 $PY -m pytest tests/unit/test_mps.py tests/unit/test_telemetry.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -5 | tee -a "$OUT/pytest.log"
+timeout 90 $PY -m pytest tests/unit/test_mps.py tests/unit/test_telemetry.py tests/unit/test_host.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -5 | tee -a "$OUT/pytest.log"
 tar czf "$OUT/evidence.tgz" -C "$W" evidence
 step "final: MPS processes still alive"
 mpsps

@@ -118,10 +118,49 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 @dataclass
 class HostInfo:
+    """The machine the run ran on, read at the start (``run.host.host_fingerprint``). Every field
+    but the first four is optional: null where the host does not say (a container, a sandbox)."""
+
     hostname: str | None = None
     platform: str | None = None
     python: str | None = None
-    cpu_count: int | None = None
+    cpu_count: int | None = None  # logical CPUs (os.cpu_count)
+    cpu_model: str | None = None  # /proc/cpuinfo "model name"
+    logical_cores: int | None = None
+    physical_cores: int | None = None
+    cpu_freq_mhz: dict[str, float] | None = None  # {"min", "max", "current"} (psutil.cpu_freq)
+    load_avg_1m: float | None = None  # at the start
+    load_avg_5m: float | None = None
+    load_avg_15m: float | None = None
+    # "none" | a hypervisor / sandbox name ("kvm", "gvisor", "vmware", ...) | "vm" (the CPU's
+    # hypervisor flag without a name) | null (nothing could be read)
+    virtualization: str | None = None
+    virtualization_evidence: list[str] = field(default_factory=list)  # what the hint was read from
+    kernel: str | None = None  # uname release
+    total_memory_bytes: int | None = None
+
+
+@dataclass
+class HostActivity:
+    """What the machine did over the measured window (the run side reads it at the window's end:
+    ``run.telemetry.TelemetrySampler.window_activity``).
+
+    ``steal_pct``/``iowait_pct``: percent of all CPU time (every CPU) the hypervisor stole / the
+    CPUs sat idle waiting for I/O (/proc/stat); ``tenant_cpu_s``: user+system CPU seconds of
+    each tenant's whole process tree; clocks: the GPU's SM and memory clock range seen in the
+    telemetry samples of the window; ``gpu_activity_source``: where ``sm_active_pct`` & co. came
+    from ("gpm" | "utilization" | null).
+    """
+
+    window_s: float | None = None
+    steal_pct: float | None = None
+    iowait_pct: float | None = None
+    tenant_cpu_s: dict[str, float] = field(default_factory=dict)
+    gpu_activity_source: str | None = None
+    sm_clock_mhz_min: int | None = None
+    sm_clock_mhz_max: int | None = None
+    mem_clock_mhz_min: int | None = None
+    mem_clock_mhz_max: int | None = None
 
 
 @dataclass
@@ -141,6 +180,7 @@ class GpuInfo:
     mig_mode: str | None = None
     persistence_mode: str | None = None
     sm_count_source: str | None = None
+    power_limit_w: float | None = None  # the enforced power limit (nvmlDeviceGetEnforcedPowerLimit)
 
 
 @dataclass
@@ -212,6 +252,7 @@ class Manifest:
         "mps": MpsRecord,
         "tenants": ("dict", TenantRecord),
         "window": Window,
+        "activity": HostActivity,
     }
 
     schema_version: int = MANIFEST_SCHEMA_VERSION
@@ -234,6 +275,8 @@ class Manifest:
     overrides: list[str] = field(default_factory=list)
     cache_dir: str | None = None
     trial: int | None = None
+    # What the host and GPU did over the measured window (written when the window ends).
+    activity: HostActivity | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:

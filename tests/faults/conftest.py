@@ -50,18 +50,19 @@ def fake_mps(monkeypatch: pytest.MonkeyPatch, mt_env: dict[str, str]) -> Iterato
     nvidia-cuda-mps-control (tests/unit/fake_mps), set here too so this process can talk to the
     daemon (``fake_attach``, ``mt-mps``). A short private state dir keeps the pipe's socket path
     under the unix limit. Afterwards no fake MPS process may live."""
-    from multitenant import mps
+    from multitenant.run.mps import control as mps_control
+    from multitenant.run.mps import env as mps_env
     from tests.unit.test_mps import FAKE_DIR, _fake_processes
 
     tag = uuid.uuid4().hex
     state = Path(tempfile.mkdtemp(prefix="mtf-", dir="/tmp"))
     monkeypatch.setenv("PATH", f"{FAKE_DIR}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv(mps.CONTROL_BIN_ENV, raising=False)
-    monkeypatch.setenv(mps.STATE_DIR_ENV, str(state))
+    monkeypatch.delenv(mps_control.CONTROL_BIN_ENV, raising=False)
+    monkeypatch.setenv(mps_env.STATE_DIR_ENV, str(state))
     monkeypatch.setenv("FAKE_MPS_TAG", tag)
     monkeypatch.delenv("FAKE_MPS_WEDGE", raising=False)
-    env = {**mt_env, **{k: os.environ[k] for k in ("PATH", mps.STATE_DIR_ENV, "FAKE_MPS_TAG")}}
-    env.pop(mps.CONTROL_BIN_ENV, None)
+    env = {**mt_env, **{k: os.environ[k] for k in ("PATH", mps_env.STATE_DIR_ENV, "FAKE_MPS_TAG")}}
+    env.pop(mps_control.CONTROL_BIN_ENV, None)
     env.pop("FAKE_MPS_WEDGE", None)
     yield env
     survivors = _fake_processes(tag)

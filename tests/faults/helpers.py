@@ -276,7 +276,7 @@ def mps_openai_args(tmp_path: Path, run_dir: Path, duration_s: float) -> list[st
 def attach_when_started(run: Watched, run_dir: Path, tenant: str, timeout_s: float = 60) -> int:
     """Make ``tenant`` a client of the run's fake daemon as soon as it is spawned, well before
     the harness checks attachment at ready (what CUDA does at a real client's first call)."""
-    from multitenant import mps
+    from multitenant.run.mps import control as mps_control
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and run.proc.poll() is None:
@@ -287,7 +287,7 @@ def attach_when_started(run: Watched, run_dir: Path, tenant: str, timeout_s: flo
         pid = m and m["tenants"][tenant]["pid"]
         pipe = m and (m.get("mps") or {}).get("pipe_dir")
         if pid and pipe:
-            reply = mps.control_command(Path(pipe), f"fake_attach {pid}", 5.0)
+            reply = mps_control.control_command(Path(pipe), f"fake_attach {pid}", 5.0)
             assert reply.returncode == 0, reply
             return int(pid)
         time.sleep(0.02)
@@ -297,7 +297,7 @@ def attach_when_started(run: Watched, run_dir: Path, tenant: str, timeout_s: flo
 def mt_mps(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """``mt-mps ARGS``, as a user types it after a run was killed."""
     return subprocess.run(
-        [sys.executable, "-m", "multitenant.mps", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "multitenant.run.mps.cli", *args], env=env, capture_output=True, text=True, timeout=60
     )
 
 

@@ -1,4 +1,4 @@
-"""multitenant.mps and multitenant.telemetry against the real CUDA MPS on a GPU machine.
+"""multitenant.run.mps and multitenant.run.telemetry against the real CUDA MPS on a GPU machine.
 
 Skipped without a CUDA GPU and ``nvidia-cuda-mps-control``. Run by scripts/gpu_mps_probe.sh
 (results in docs/validation/mps-probe-h100.md). Each client is a separate Python process that
@@ -24,13 +24,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from multitenant import mps, telemetry  # noqa: E402
-from multitenant.mps import MpsDaemon, MpsError  # noqa: E402
+from multitenant.config.schema import ShareConfig  # noqa: E402
+from multitenant.run import host, telemetry  # noqa: E402
+from multitenant.run.mps import MpsDaemon, MpsError  # noqa: E402
+from multitenant.run.mps import control as mps_control  # noqa: E402
+from multitenant.run.mps import daemon as mps_daemon  # noqa: E402
+from multitenant.run.mps import env as mps_env  # noqa: E402
+from multitenant.run.mps import logs as mps_logs  # noqa: E402
+from multitenant.schema import to_dict  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(mps.control_binary() is None, reason="needs nvidia-cuda-mps-control"),
+    pytest.mark.skipif(mps_control.control_binary() is None, reason="needs nvidia-cuda-mps-control"),
 ]
 
 CLIENT = r"""
@@ -123,9 +129,9 @@ def _mps_processes() -> list[int]:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[MpsDaemon]:
     before = _mps_processes()
-    d = mps.start_daemon(mps.default_pipe_dir(0, "gputest-" + uuid.uuid4().hex[:8]), tmp_path / "mps_log", 0, 30)
+    d = mps_daemon.start_daemon(mps_env.default_pipe_dir(0, "gputest-" + uuid.uuid4().hex[:8]), tmp_path / "mps_log", 0, 30)
     yield d
-    res = mps.stop_daemon(d, 30)
+    res = mps_daemon.stop_daemon(d, 30)
     _evidence(f"stop-{d.pipe_dir.name}", {"clean": res.clean, "actions": res.actions, "left": res.left_pids})
     assert res.clean, res
     assert sorted(_mps_processes()) == sorted(before), "an MPS process survived stop_daemon"
@@ -133,9 +139,10 @@ def daemon(tmp_path: Path) -> Iterator[MpsDaemon]:
 
 
 def _env(d: MpsDaemon | None, share: dict) -> dict[str, str]:
+    cfg = ShareConfig(**share)
     if d is None:
-        return mps.child_env(os.environ, mps.tenant_env(share, 0, None, None))
-    return mps.child_env(os.environ, mps.tenant_env(share, 0, d.pipe_dir, d.log_dir))
+        return mps_env.child_env(os.environ, mps_env.tenant_env(cfg, 0, None, None))
+    return mps_env.child_env(os.environ, mps_env.tenant_env(cfg, 0, d.pipe_dir, d.log_dir))
 
 
 def test_clients_attach_and_see_their_share(daemon: MpsDaemon) -> None:
@@ -146,9 +153,9 @@ def test_clients_attach_and_see_their_share(daemon: MpsDaemon) -> None:
     }
     try:
         info = {name: c.wait_ready() for name, c in clients.items()}
-        servers = mps.server_pids(daemon)
-        clients_of = mps.all_client_pids(daemon)
-        attached = mps.verify_clients(daemon, {n: i["pid"] for n, i in info.items()})
+        servers = mps_control.server_pids(daemon)
+        clients_of = mps_control.all_client_pids(daemon)
+        attached = mps_control.verify_clients(daemon, {n: i["pid"] for n, i in info.items()})
         _evidence("share-sms", {"info": info, "servers": servers, "clients_of": clients_of, "attached": attached})
         assert len(servers) == 1
         assert attached == {"full": True, "half": True, "quarter": True}
@@ -160,17 +167,17 @@ def test_clients_attach_and_see_their_share(daemon: MpsDaemon) -> None:
     finally:
         codes = {n: c.close() for n, c in clients.items()}
     assert codes == {"full": 0, "half": 0, "quarter": 0}
-    assert mps.server_pids(daemon) in ([], servers)  # the server may linger until quit
-    assert mps.read_server_log_errors(daemon.log_dir) == []  # routine lines are not faults
+    assert mps_control.server_pids(daemon) in ([], servers)  # the server may linger until quit
+    assert mps_logs.read_server_log_errors(daemon.log_dir) == []  # routine lines are not faults
 
 
 def test_refuses_when_a_daemon_already_answers(daemon: MpsDaemon) -> None:
     with pytest.raises(MpsError, match="already answers"):
-        mps.start_daemon(daemon.pipe_dir, daemon.log_dir, 0, 10)
-    assert mps.daemon_answers(daemon.pipe_dir)
-    ext = mps.external_daemon(daemon.pipe_dir, daemon.log_dir)  # mode mps_external: never stopped
+        mps_daemon.start_daemon(daemon.pipe_dir, daemon.log_dir, 0, 10)
+    assert mps_control.daemon_answers(daemon.pipe_dir)
+    ext = mps_daemon.external_daemon(daemon.pipe_dir, daemon.log_dir)  # mode mps_external: never stopped
     assert ext.control_pid == daemon.control_pid
-    assert mps.stop_daemon(ext, 5).clean and mps.daemon_answers(daemon.pipe_dir)
+    assert mps_daemon.stop_daemon(ext, 5).clean and mps_control.daemon_answers(daemon.pipe_dir)
 
 
 def test_timeslice_tenant_is_not_a_client(daemon: MpsDaemon) -> None:
@@ -178,11 +185,11 @@ def test_timeslice_tenant_is_not_a_client(daemon: MpsDaemon) -> None:
     plain = Client(_env(None, {"active_thread_pct": 50}))
     try:
         a, b = mps_client.wait_ready(), plain.wait_ready()
-        attached = mps.verify_clients(daemon, {"mps": a["pid"], "timeslice": b["pid"]})
+        attached = mps_control.verify_clients(daemon, {"mps": a["pid"], "timeslice": b["pid"]})
         _evidence("timeslice-vs-mps", {"mps": a, "timeslice": b, "attached": attached})
         assert attached == {"mps": True, "timeslice": False}
         assert b["sms"] > a["sms"]  # the share is not applied without MPS
-        assert "WITHOUT MPS" in mps.unattached_message(["timeslice"], daemon)
+        assert "WITHOUT MPS" in mps_control.unattached_message(["timeslice"], daemon)
     finally:
         mps_client.close()
         plain.close()
@@ -196,7 +203,7 @@ def test_pinned_memory_limit_is_enforced(daemon: MpsDaemon) -> None:
     finally:
         limited.close()
         small.close()
-    errors = mps.read_server_log_errors(daemon.log_dir)
+    errors = mps_logs.read_server_log_errors(daemon.log_dir)
     _evidence("pinned-limit", {"over": a, "under": b, "log_errors": errors})
     assert b["alloc"] is True
     assert a["alloc"] is not True and "memory" in a["alloc"].lower()
@@ -204,20 +211,20 @@ def test_pinned_memory_limit_is_enforced(daemon: MpsDaemon) -> None:
 
 def test_stop_with_a_client_still_attached(tmp_path: Path) -> None:
     before = _mps_processes()
-    d = mps.start_daemon(mps.default_pipe_dir(0, "gputest-wedge-" + uuid.uuid4().hex[:6]), tmp_path / "log", 0, 30)
+    d = mps_daemon.start_daemon(mps_env.default_pipe_dir(0, "gputest-wedge-" + uuid.uuid4().hex[:6]), tmp_path / "log", 0, 30)
     c = Client(_env(d, {"active_thread_pct": 50}))
     try:
         c.wait_ready()
-        assert mps.verify_clients(d, {"c": c.info["pid"]}) == {"c": True}
+        assert mps_control.verify_clients(d, {"c": c.info["pid"]}) == {"c": True}
         t0 = time.monotonic()
-        res = mps.stop_daemon(d, 20)
+        res = mps_daemon.stop_daemon(d, 20)
         took = time.monotonic() - t0
         client_alive = c.proc.poll() is None
     finally:
         code = c.close()
     _evidence("stop-with-client", {"clean": res.clean, "actions": res.actions, "took_s": round(took, 2),
                                    "client_alive_after_stop": client_alive, "client_exit": code,
-                                   "log_errors": mps.read_server_log_errors(tmp_path / "log")})
+                                   "log_errors": mps_logs.read_server_log_errors(tmp_path / "log")})
     assert res.clean, res
     assert sorted(_mps_processes()) == sorted(before)
 
@@ -233,7 +240,7 @@ def test_client_fault_reaches_the_other_client_and_the_log(daemon: MpsDaemon) ->
         loop = healthy.next_line(60)
     finally:
         healthy.close()
-    errors = mps.read_server_log_errors(daemon.log_dir)
+    errors = mps_logs.read_server_log_errors(daemon.log_dir)
     _evidence("client-fault", {"healthy": h, "healthy_loop": loop, "fault_rc": fault.returncode,
                                "fault_stderr_tail": fault.stderr[-400:], "log_errors": errors})
     assert fault.returncode != 0 and "illegal" in fault.stderr.lower()
@@ -242,8 +249,8 @@ def test_client_fault_reaches_the_other_client_and_the_log(daemon: MpsDaemon) ->
 
 
 def test_gpu_info_and_sampler_on_the_gpu(daemon: MpsDaemon, tmp_path: Path) -> None:
-    info = telemetry.gpu_info(0)
-    assert info is not None and info["uuid"].startswith("GPU-") and info["memory_total_bytes"] > 0
+    info = host.gpu_info(0)
+    assert info is not None and (info.uuid or "").startswith("GPU-") and (info.memory_total_bytes or 0) > 0
     c = Client(_env(daemon, {"active_thread_pct": 50}))
     try:
         ready = c.wait_ready()
@@ -254,7 +261,7 @@ def test_gpu_info_and_sampler_on_the_gpu(daemon: MpsDaemon, tmp_path: Path) -> N
     finally:
         c.close()
     rows = [json.loads(line) for line in (tmp_path / "telemetry.jsonl").read_text().splitlines()]
-    _evidence("gpu-telemetry", {"gpu_info": info, "stats": s.stats(), "first": rows[:2], "last": rows[-1]})
+    _evidence("gpu-telemetry", {"gpu_info": to_dict(info), "stats": s.stats(), "first": rows[:2], "last": rows[-1]})
     assert len(rows) >= 15
     for key in ("gpu_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "temp_c"):
         assert key in rows[-1], (key, s.errors)

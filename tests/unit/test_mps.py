@@ -1,4 +1,4 @@
-"""multitenant.mps on a CPU machine: environment, parsing, and the daemon lifecycle against a
+"""multitenant.run.mps on a CPU machine: environment, parsing, and the daemon lifecycle against a
 test double of nvidia-cuda-mps-control (tests/unit/fake_mps). The real binary is exercised by
 tests/gpu/test_mps.py on a GPU machine."""
 
@@ -16,8 +16,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from multitenant import mps
-from multitenant.mps import MpsDaemon, MpsError
+from multitenant.config.schema import ShareConfig
+from multitenant.run.mps import MpsDaemon, MpsError
+from multitenant.run.mps import cli as mps_cli
+from multitenant.run.mps import control as mps_control
+from multitenant.run.mps import daemon as mps_daemon
+from multitenant.run.mps import env as mps_env
+from multitenant.run.mps import logs as mps_logs
 
 FAKE_DIR = Path(__file__).resolve().parent / "fake_mps"
 
@@ -55,8 +60,8 @@ REAL_ROUTINE_CONTROL_LOG = """\
 
 
 def test_tenant_env_mps_sets_exactly_the_given_share(tmp_path: Path) -> None:
-    share = {"active_thread_pct": 30, "pinned_mem_limit": "0=20G", "priority": 1}
-    env = mps.tenant_env(share, 0, tmp_path / "pipe", tmp_path / "log")
+    share = ShareConfig(active_thread_pct=30, pinned_mem_limit="0=20G", priority=1)
+    env = mps_env.tenant_env(share, 0, tmp_path / "pipe", tmp_path / "log")
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "pipe")
     assert env["CUDA_MPS_LOG_DIRECTORY"] == str(tmp_path / "log")
     assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
@@ -64,25 +69,23 @@ def test_tenant_env_mps_sets_exactly_the_given_share(tmp_path: Path) -> None:
     assert env["CUDA_MPS_CLIENT_PRIORITY"] == "1"
     assert "CUDA_VISIBLE_DEVICES" not in env  # the daemon's GPU is the client's device 0
 
-    bare = mps.tenant_env({"active_thread_pct": None, "pinned_mem_limit": None, "priority": None}, 0, tmp_path, None)
-    assert not any(k in bare for k in mps.CLIENT_KNOBS)
+    bare = mps_env.tenant_env(ShareConfig(), 0, tmp_path, None)
+    assert not any(k in bare for k in mps_control.CLIENT_KNOBS)
     assert "CUDA_MPS_LOG_DIRECTORY" not in bare
-    assert mps.tenant_env({"priority": 0}, 0, tmp_path, None)["CUDA_MPS_CLIENT_PRIORITY"] == "0"
+    assert mps_env.tenant_env(ShareConfig(priority=0), 0, tmp_path, None)["CUDA_MPS_CLIENT_PRIORITY"] == "0"
 
 
-@pytest.mark.parametrize(
-    "share",
-    [{"active_thread_pct": 0}, {"active_thread_pct": 101}, {"priority": 2}, {"pinned_mem_limit": "20G"}],
-)
-def test_tenant_env_rejects_bad_share(share: dict, tmp_path: Path) -> None:
+def test_tenant_env_refuses_a_pinned_limit_without_its_device(tmp_path: Path) -> None:
+    # Range checks are the config's validation (tests/unit/test_config.py); the one guard kept is
+    # the limit's device, without which MPS would ignore the limit silently.
     with pytest.raises(MpsError, match=";"):
-        mps.tenant_env(share, 0, tmp_path, None)
+        mps_env.tenant_env(ShareConfig(pinned_mem_limit="20G"), 0, tmp_path, None)
 
 
 def test_tenant_env_timeslice_pins_the_gpu_and_no_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    monkeypatch.setenv(mps_env.STATE_DIR_ENV, str(tmp_path / "st"))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    env = mps.tenant_env({"active_thread_pct": 50}, 1, None, None)
+    env = mps_env.tenant_env(ShareConfig(active_thread_pct=50), 1, None, None)
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in env  # not applied without MPS
     pipe = Path(env["CUDA_MPS_PIPE_DIRECTORY"])
@@ -90,11 +93,11 @@ def test_tenant_env_timeslice_pins_the_gpu_and_no_daemon(monkeypatch: pytest.Mon
 
 
 def test_physical_device_follows_the_harness_visible_devices() -> None:
-    assert mps.physical_device(1, {}) == "1"
-    assert mps.physical_device(1, {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"
-    assert mps.physical_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-abc, GPU-def"}) == "GPU-abc"
+    assert mps_env.physical_device(1, {}) == "1"
+    assert mps_env.physical_device(1, {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"
+    assert mps_env.physical_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-abc, GPU-def"}) == "GPU-abc"
     with pytest.raises(MpsError, match="CUDA_VISIBLE_DEVICES"):
-        mps.physical_device(2, {"CUDA_VISIBLE_DEVICES": "2,3"})
+        mps_env.physical_device(2, {"CUDA_VISIBLE_DEVICES": "2,3"})
 
 
 def test_child_env_drops_inherited_mps_and_visible_devices() -> None:
@@ -104,25 +107,25 @@ def test_child_env_drops_inherited_mps_and_visible_devices() -> None:
         "CUDA_MPS_PIPE_DIRECTORY": "/tmp/nvidia-mps",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "10",
     }
-    env = mps.child_env(base, {"CUDA_MPS_PIPE_DIRECTORY": "/p"})
+    env = mps_env.child_env(base, {"CUDA_MPS_PIPE_DIRECTORY": "/p"})
     assert env == {"PATH": "/bin", "CUDA_MPS_PIPE_DIRECTORY": "/p"}
 
 
 def test_default_pipe_dir_is_private_short_and_unique(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
-    p = mps.default_pipe_dir(0, "2026-11-22/pair:tiny")
+    monkeypatch.setenv(mps_env.STATE_DIR_ENV, str(tmp_path / "st"))
+    p = mps_env.default_pipe_dir(0, "2026-11-22/pair:tiny")
     assert p.parent == tmp_path / "st" and p.name == "2026-11-22_pair_tiny-gpu0"
     assert oct(os.stat(tmp_path / "st").st_mode & 0o777) == "0o700"
-    long_a, long_b = mps.default_pipe_dir(0, "x" * 200 + "a"), mps.default_pipe_dir(0, "x" * 200 + "b")
+    long_a, long_b = mps_env.default_pipe_dir(0, "x" * 200 + "a"), mps_env.default_pipe_dir(0, "x" * 200 + "b")
     assert long_a != long_b and len(long_a.name) < 60
 
 
 def test_state_root_refuses_a_symlink(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "link"))
+    monkeypatch.setenv(mps_env.STATE_DIR_ENV, str(tmp_path / "link"))
     with pytest.raises(MpsError, match="not a directory owned by you"):
-        mps.state_root()
+        mps_env.state_root()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,21 +133,21 @@ def test_state_root_refuses_a_symlink(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_parse_pid_lines_real_formats() -> None:
-    assert mps.parse_pid_lines(REAL_SERVER_LIST) == [705]
-    assert mps.parse_pid_lines(REAL_SERVER_LIST_EMPTY) == []
-    assert mps.parse_pid_lines(REAL_CLIENT_LIST) == [530, 532, 534, 531]
-    assert mps.parse_pid_lines(REAL_CLIENT_LIST_BAD_SERVER) == []
-    assert mps.parse_pid_lines(REAL_NO_DAEMON) == []
-    assert mps.parse_pid_lines(REAL_UNKNOWN) == []
+    assert mps_control.parse_pid_lines(REAL_SERVER_LIST) == [705]
+    assert mps_control.parse_pid_lines(REAL_SERVER_LIST_EMPTY) == []
+    assert mps_control.parse_pid_lines(REAL_CLIENT_LIST) == [530, 532, 534, 531]
+    assert mps_control.parse_pid_lines(REAL_CLIENT_LIST_BAD_SERVER) == []
+    assert mps_control.parse_pid_lines(REAL_NO_DAEMON) == []
+    assert mps_control.parse_pid_lines(REAL_UNKNOWN) == []
     # An error line with digits in it is not a PID; duplicates and blank lines are dropped.
-    assert mps.parse_pid_lines("Invalid server pid 77\n\n 12 \n12\n") == [12]
+    assert mps_control.parse_pid_lines("Invalid server pid 77\n\n 12 \n12\n") == [12]
 
 
 def test_control_reply_tells_no_daemon_from_an_answer() -> None:
-    assert not mps.ControlReply(1, REAL_NO_DAEMON, "").answered
-    assert not mps.ControlReply(None, "", "").answered  # timed out: a quit is pending
-    assert mps.ControlReply(0, REAL_SERVER_LIST_EMPTY, "").answered
-    assert mps.ControlReply(0, REAL_UNKNOWN, "").answered  # the daemon answered, if not usefully
+    assert not mps_control.ControlReply(1, REAL_NO_DAEMON, "").answered
+    assert not mps_control.ControlReply(None, "", "").answered  # timed out: a quit is pending
+    assert mps_control.ControlReply(0, REAL_SERVER_LIST_EMPTY, "").answered
+    assert mps_control.ControlReply(0, REAL_UNKNOWN, "").answered  # the daemon answered, if not usefully
 
 
 def test_read_server_log_errors_real_fault_first(tmp_path: Path) -> None:
@@ -152,7 +155,7 @@ def test_read_server_log_errors_real_fault_first(tmp_path: Path) -> None:
         REAL_ROUTINE_CONTROL_LOG + "[2026-11-22 04:53:48.000 Control   944] Server 1052 exited with status 1\n"
     )
     (tmp_path / "server.log").write_text(REAL_FAULT_SERVER_LOG)
-    errors = mps.read_server_log_errors(tmp_path)
+    errors = mps_logs.read_server_log_errors(tmp_path)
     assert errors[0].endswith("Client {PID: 947, Context: 1} encountered a fatal GPU error.")
     assert [e.split("] ", 1)[1] for e in errors[1:]] == [
         "Server is handling a fatal GPU error.",
@@ -162,16 +165,16 @@ def test_read_server_log_errors_real_fault_first(tmp_path: Path) -> None:
     ]
     (tmp_path / "server.log").unlink()
     (tmp_path / "control.log").write_text(REAL_ROUTINE_CONTROL_LOG)
-    assert mps.read_server_log_errors(tmp_path) == []
-    assert mps.read_server_log_errors(tmp_path / "missing") == []
+    assert mps_logs.read_server_log_errors(tmp_path) == []
+    assert mps_logs.read_server_log_errors(tmp_path / "missing") == []
 
 
 def test_pinned_limit_cause_names_the_limit() -> None:
     oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity"
-    msg = mps.pinned_limit_cause("a", {"pinned_mem_limit": "0=1G"}, oom)
+    msg = mps_logs.pinned_limit_cause("a", ShareConfig(pinned_mem_limit="0=1G"), oom)
     assert msg is not None and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=1G" in msg and "tenants.a.share" in msg
-    assert mps.pinned_limit_cause("a", {"pinned_mem_limit": None}, oom) is None
-    assert mps.pinned_limit_cause("a", {"pinned_mem_limit": "0=1G"}, "ValueError: bad prompt") is None
+    assert mps_logs.pinned_limit_cause("a", ShareConfig(), oom) is None
+    assert mps_logs.pinned_limit_cause("a", ShareConfig(pinned_mem_limit="0=1G"), "ValueError: bad prompt") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +198,8 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """The test double first on PATH, a private state dir; afterwards no fake process may live."""
     tag = uuid.uuid4().hex
     monkeypatch.setenv("PATH", f"{FAKE_DIR}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv(mps.CONTROL_BIN_ENV, raising=False)
-    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    monkeypatch.delenv(mps_control.CONTROL_BIN_ENV, raising=False)
+    monkeypatch.setenv(mps_env.STATE_DIR_ENV, str(tmp_path / "st"))
     monkeypatch.setenv("FAKE_MPS_TAG", tag)
     monkeypatch.delenv("FAKE_MPS_WEDGE", raising=False)
     yield tmp_path
@@ -216,37 +219,37 @@ def sleeper() -> Iterator[subprocess.Popen]:
 
 
 def _attach(d: MpsDaemon, pid: int) -> int:
-    reply = mps.control_command(d.pipe_dir, f"fake_attach {pid}", 5.0)
+    reply = mps_control.control_command(d.pipe_dir, f"fake_attach {pid}", 5.0)
     assert reply.returncode == 0, reply
     return int(reply.stdout)
 
 
 def _start(root: Path, name: str = "r1") -> MpsDaemon:
-    return mps.start_daemon(root / "st" / f"{name}-gpu0", root / "log", 0, timeout_s=10)
+    return mps_daemon.start_daemon(root / "st" / f"{name}-gpu0", root / "log", 0, timeout_s=10)
 
 
 def test_start_answers_records_and_stop_cleans_up(fake: Path) -> None:
     d = _start(fake)
-    assert mps.daemon_answers(d.pipe_dir)
+    assert mps_control.daemon_answers(d.pipe_dir)
     assert d.control_pid is not None and psutil.pid_exists(d.control_pid)
-    assert (d.pipe_dir / mps.HARNESS_RECORD).is_file()
-    assert [x.pipe_dir for x in mps.harness_daemons()] == [d.pipe_dir]
-    assert mps.server_pids(d) == []  # the server starts with the first client
+    assert (d.pipe_dir / mps_daemon.HARNESS_RECORD).is_file()
+    assert [x.pipe_dir for x in mps_daemon.harness_daemons()] == [d.pipe_dir]
+    assert mps_control.server_pids(d) == []  # the server starts with the first client
     assert "Starting control daemon" in (fake / "log" / "control.log").read_text()
 
-    res = mps.stop_daemon(d, timeout_s=5)
+    res = mps_daemon.stop_daemon(d, timeout_s=5)
     assert res.clean and res.actions == ["quit"], res
     assert not psutil.pid_exists(d.control_pid) or psutil.Process(d.control_pid).status() == "zombie"
     assert not d.pipe_dir.exists()  # under the state root: removed
-    assert mps.harness_daemons() == []
-    again = mps.stop_daemon(d, timeout_s=5)
+    assert mps_daemon.harness_daemons() == []
+    again = mps_daemon.stop_daemon(d, timeout_s=5)
     assert again.clean and again.actions == ["already stopped"]
 
 
 def test_daemon_env_pins_the_gpu_and_drops_client_knobs(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "10")
-    d = mps.start_daemon(fake / "st" / "e-gpu1", fake / "log", 1, timeout_s=10)
+    d = mps_daemon.start_daemon(fake / "st" / "e-gpu1", fake / "log", 1, timeout_s=10)
     try:
         env = psutil.Process(d.control_pid).environ()
         assert env["CUDA_VISIBLE_DEVICES"] == "7"
@@ -254,13 +257,13 @@ def test_daemon_env_pins_the_gpu_and_drops_client_knobs(fake: Path, monkeypatch:
         assert env["CUDA_MPS_LOG_DIRECTORY"] == str(fake / "log")
         assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in env
     finally:
-        assert mps.stop_daemon(d, 5).clean
+        assert mps_daemon.stop_daemon(d, 5).clean
     # A str is the already-mapped CUDA_VISIBLE_DEVICES entry (e.g. a UUID).
-    d = mps.start_daemon(fake / "st" / "u-gpu", fake / "log", "GPU-1234", timeout_s=10)
+    d = mps_daemon.start_daemon(fake / "st" / "u-gpu", fake / "log", "GPU-1234", timeout_s=10)
     try:
         assert psutil.Process(d.control_pid).environ()["CUDA_VISIBLE_DEVICES"] == "GPU-1234"
     finally:
-        assert mps.stop_daemon(d, 5).clean
+        assert mps_daemon.stop_daemon(d, 5).clean
 
 
 def test_refuses_when_a_daemon_already_answers(fake: Path) -> None:
@@ -269,29 +272,29 @@ def test_refuses_when_a_daemon_already_answers(fake: Path) -> None:
         with pytest.raises(MpsError, match=r"already answers .*mt-mps stop"):
             _start(fake)
     finally:
-        assert mps.stop_daemon(d, 5).clean
+        assert mps_daemon.stop_daemon(d, 5).clean
 
 
 def test_missing_binary_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(mps.CONTROL_BIN_ENV, str(tmp_path / "nope"))
-    monkeypatch.setenv(mps.STATE_DIR_ENV, str(tmp_path / "st"))
+    monkeypatch.setenv(mps_control.CONTROL_BIN_ENV, str(tmp_path / "nope"))
+    monkeypatch.setenv(mps_env.STATE_DIR_ENV, str(tmp_path / "st"))
     with pytest.raises(MpsError, match=r"not found .*MT_MPS_CONTROL_BIN"):
-        mps.start_daemon(tmp_path / "st" / "p", tmp_path / "log", 0)
+        mps_daemon.start_daemon(tmp_path / "st" / "p", tmp_path / "log", 0)
 
 
 def test_socket_path_limit(fake: Path) -> None:
     with pytest.raises(MpsError, match="too long for a unix socket"):
-        mps.start_daemon(fake / ("x" * 120), fake / "log", 0)
+        mps_daemon.start_daemon(fake / ("x" * 120), fake / "log", 0)
 
 
 def test_no_daemon_is_answered_quickly(fake: Path) -> None:
     t0 = time.monotonic()
-    assert not mps.daemon_answers(fake / "nothing-here", timeout_s=5)
+    assert not mps_control.daemon_answers(fake / "nothing-here", timeout_s=5)
     (fake / "empty").mkdir()
-    assert not mps.daemon_answers(fake / "empty", timeout_s=5)
+    assert not mps_control.daemon_answers(fake / "empty", timeout_s=5)
     assert time.monotonic() - t0 < 2.0
     with pytest.raises(MpsError, match="no MPS control daemon answers"):
-        mps.server_pids(MpsDaemon(fake / "empty", fake, None, False, True))
+        mps_control.server_pids(MpsDaemon(fake / "empty", fake, None, False, True))
 
 
 def test_verify_clients_and_descendants(fake: Path, sleeper: subprocess.Popen) -> None:
@@ -306,12 +309,12 @@ def test_verify_clients_and_descendants(fake: Path, sleeper: subprocess.Popen) -
         while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
             time.sleep(0.05)
         _attach(d, psutil.Process(parent.pid).children()[0].pid)
-        assert mps.server_pids(d) == [srv] and d.server_pids_seen == [srv]
-        assert mps.client_pids(d, srv)[0] == sleeper.pid
-        ok = mps.verify_clients(d, {"a": sleeper.pid, "wrapped": parent.pid, "fallback": outsider.pid})
+        assert mps_control.server_pids(d) == [srv] and d.server_pids_seen == [srv]
+        assert mps_control.client_pids(d, srv)[0] == sleeper.pid
+        ok = mps_control.verify_clients(d, {"a": sleeper.pid, "wrapped": parent.pid, "fallback": outsider.pid})
         assert ok == {"a": True, "wrapped": True, "fallback": False}
-        assert "fallback run WITHOUT MPS" in mps.unattached_message(["fallback"], d)
-        assert mps.manifest_block(d)["server_pids"] == [srv]
+        assert "fallback run WITHOUT MPS" in mps_control.unattached_message(["fallback"], d)
+        assert mps_daemon.manifest_block(d).server_pids == [srv]
     finally:  # like the orchestrator: tenants first, then the daemon
         for p in (parent, outsider):
             for c in psutil.Process(p.pid).children(recursive=True):
@@ -320,7 +323,7 @@ def test_verify_clients_and_descendants(fake: Path, sleeper: subprocess.Popen) -
             p.wait()
         sleeper.kill()
         sleeper.wait()
-        res = mps.stop_daemon(d, 5)
+        res = mps_daemon.stop_daemon(d, 5)
     assert res.clean and res.actions == ["quit"], res
     assert not psutil.pid_exists(srv) or psutil.Process(srv).status() == "zombie"
 
@@ -331,7 +334,7 @@ def test_busy_client_is_terminated_through_the_daemon_then_quit(
     monkeypatch.setenv("FAKE_MPS_TERMINATE", "signal")  # the client dies of its next CUDA error
     d = _start(fake)
     srv = _attach(d, sleeper.pid)
-    res = mps.stop_daemon(d, timeout_s=4)
+    res = mps_daemon.stop_daemon(d, timeout_s=4)
     assert res.clean, res
     assert res.actions == [f"terminate_client {srv} {sleeper.pid}: 0", "quit"]
     assert sleeper.wait(timeout=5) == -signal.SIGTERM
@@ -342,12 +345,12 @@ def test_idle_client_blocks_quit_so_the_daemon_is_signalled(
 ) -> None:
     d = _start(fake)
     srv = _attach(d, sleeper.pid)
-    res = mps.stop_daemon(d, timeout_s=4)
+    res = mps_daemon.stop_daemon(d, timeout_s=4)
     assert res.clean, res
     assert res.actions[:2] == [f"terminate_client {srv} {sleeper.pid}: 0", "quit (exit None)"]
     assert sorted(res.actions[2:]) == sorted([f"SIGTERM {d.control_pid}", f"SIGTERM {srv}"])
     assert sleeper.poll() is None  # the tenant is the orchestrator's to stop, not ours
-    assert mps.harness_daemons() == []
+    assert mps_daemon.harness_daemons() == []
 
 
 def test_hard_wedge_kills_only_the_daemon_and_its_server(
@@ -356,12 +359,12 @@ def test_hard_wedge_kills_only_the_daemon_and_its_server(
     monkeypatch.setenv("FAKE_MPS_WEDGE", "hard")
     d = _start(fake)
     srv = _attach(d, sleeper.pid)
-    assert mps.server_pids(d) == [srv]
-    res = mps.stop_daemon(d, timeout_s=4)
+    assert mps_control.server_pids(d) == [srv]
+    res = mps_daemon.stop_daemon(d, timeout_s=4)
     assert res.clean, res
     assert f"SIGKILL {d.control_pid}" in res.actions and f"SIGKILL {srv}" in res.actions
     assert sleeper.poll() is None
-    assert mps.harness_daemons() == []
+    assert mps_daemon.harness_daemons() == []
 
 
 def test_stale_socket_of_a_killed_daemon_is_replaced(fake: Path) -> None:
@@ -371,35 +374,35 @@ def test_stale_socket_of_a_killed_daemon_is_replaced(fake: Path) -> None:
     while psutil.pid_exists(d.control_pid) and psutil.Process(d.control_pid).status() != "zombie":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert (d.pipe_dir / "control").exists() and not mps.daemon_answers(d.pipe_dir, 5)
+    assert (d.pipe_dir / "control").exists() and not mps_control.daemon_answers(d.pipe_dir, 5)
     d2 = _start(fake)
-    assert d2.control_pid != d.control_pid and mps.daemon_answers(d2.pipe_dir)
-    assert mps.stop_daemon(d2, 5).clean
+    assert d2.control_pid != d.control_pid and mps_control.daemon_answers(d2.pipe_dir)
+    assert mps_daemon.stop_daemon(d2, 5).clean
 
 
 def test_external_daemon_is_never_stopped(fake: Path) -> None:
     with pytest.raises(MpsError, match="mps_external but no MPS control daemon"):
-        mps.external_daemon(fake / "none")
+        mps_daemon.external_daemon(fake / "none")
     own = _start(fake)
     try:
-        ext = mps.external_daemon(own.pipe_dir)
+        ext = mps_daemon.external_daemon(own.pipe_dir)
         assert ext.external and not ext.started_by_harness and ext.control_pid == own.control_pid
-        res = mps.stop_daemon(ext, 5)
-        assert res.clean and mps.daemon_answers(own.pipe_dir)
+        res = mps_daemon.stop_daemon(ext, 5)
+        assert res.clean and mps_control.daemon_answers(own.pipe_dir)
     finally:
-        assert mps.stop_daemon(own, 5).clean
+        assert mps_daemon.stop_daemon(own, 5).clean
 
 
 def test_cli_status_and_stop(fake: Path, sleeper: subprocess.Popen, capsys: pytest.CaptureFixture[str]) -> None:
-    assert mps.cli_main(["status"]) == 0
+    assert mps_cli.main(["status"]) == 0
     d1, d2 = _start(fake, "a"), _start(fake, "b")
     srv = _attach(d1, sleeper.pid)
-    assert mps.cli_main(["status"]) == 1
+    assert mps_cli.main(["status"]) == 1
     out = capsys.readouterr().out
     assert str(d1.pipe_dir) in out and str(d2.pipe_dir) in out and f"server {srv}: clients {sleeper.pid}" in out
-    assert mps.cli_main(["stop"]) == 2
-    assert mps.cli_main(["stop", str(fake / "unknown")]) == 2
-    assert mps.cli_main(["bogus"]) == 2
-    assert mps.cli_main(["stop", str(d2.pipe_dir)]) == 0
-    assert mps.cli_main(["stop", "--all", "--timeout", "2"]) == 0  # d1 still has a client: signalled
-    assert mps.cli_main(["status"]) == 0
+    assert mps_cli.main(["stop"]) == 2
+    assert mps_cli.main(["stop", str(fake / "unknown")]) == 2
+    assert mps_cli.main(["bogus"]) == 2
+    assert mps_cli.main(["stop", str(d2.pipe_dir)]) == 0
+    assert mps_cli.main(["stop", "--all", "--timeout", "2"]) == 0  # d1 still has a client: signalled
+    assert mps_cli.main(["status"]) == 0

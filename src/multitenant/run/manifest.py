@@ -11,8 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
-import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -46,12 +44,6 @@ def run_id(name: str, run_dir: Path) -> str:
 
 def now_wall() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
-
-
-def basic_host() -> HostInfo:
-    return HostInfo(
-        hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(), cpu_count=os.cpu_count()
-    )
 
 
 def new_manifest(experiment: Experiment, run_dir: Path, argv: list[str], overrides: list[str], host: HostInfo) -> Manifest:

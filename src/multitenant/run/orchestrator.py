@@ -41,6 +41,7 @@ import yaml
 
 from multitenant.config.validate import Experiment, Tenant
 from multitenant.run import manifest as manifest_io
+from multitenant.run.host import gpu_info, host_fingerprint
 from multitenant.run.spec import TenantSpec, common_fields, type_path
 from multitenant.run.tenants import (
     FAILED,
@@ -100,9 +101,10 @@ class Orchestrator:
         self.daemon: Any = None  # run.mps.MpsDaemon
         self.sampler: Any = None  # run.telemetry.TelemetrySampler
         self.selector = selectors.DefaultSelector()
-        self.manifest = manifest_io.new_manifest(experiment, run_dir, argv, overrides, manifest_io.basic_host())
+        self.manifest = manifest_io.new_manifest(experiment, run_dir, argv, overrides, host_fingerprint())
         self.window: tuple[int, int | None] | None = None
         self.progress: Any = None  # run.progress.LiveProgress, set by the caller
+        self._window_marked = False
 
     def _save(self) -> None:
         manifest_io.save(self.manifest, self.run_dir)
@@ -116,10 +118,7 @@ class Orchestrator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "config.resolved.yaml", "w", encoding="utf-8") as f:
             yaml.safe_dump(dataclasses.asdict(self.config), f, sort_keys=False)
-        if self.experiment.device_index is not None:
-            from multitenant.run.telemetry import gpu_info
-
-            self.manifest.gpu = gpu_info(self.experiment.device_index)
+        self.manifest.gpu = gpu_info(self.experiment.device_index)
         self._save()
         status, reason = RunStatus.OK, None
         old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -383,6 +382,7 @@ class Orchestrator:
             deadline_ns = last_end + int(self.config.stop_timeout_s * 1e9)
         while any(tp.exit_code is None for tp in self.tenants.values()):
             self._pump(POLL_S)
+            self._track_window()
             if (why := self._first_failure()) is not None:
                 raise RunFailed(why)
             if (why := self._kill_hung_tenant()) is not None:
@@ -391,11 +391,28 @@ class Orchestrator:
                 late = [tp.name for tp in self.tenants.values() if tp.exit_code is None]
                 raise RunFailed(f"tenant(s) {', '.join(late)} did not finish within stop_timeout_s after their window")
         self._pump(0)  # last messages
+        self._track_window(ended=True)
         if (why := self._first_failure()) is not None:
             raise RunFailed(why)
         not_ok = [tp for tp in self.tenants.values() if tp.final_status not in (TenantStatus.OK, None)]
         if not_ok:
             raise RunFailed(f"tenant(s) {', '.join(tp.name for tp in not_ok)} ended with status {not_ok[0].final_status}")
+
+    def _track_window(self, ended: bool = False) -> None:
+        """Mark the window's start and end on the telemetry sampler (to a poll's precision,
+        0.1 s) and record what the host and GPU did in between (``manifest.activity``): steal and
+        iowait, each tenant's CPU seconds, the GPU's clock range. A window that stops on request
+        counts ends when the tenants have finished."""
+        if self.window is None or self.sampler is None:
+            return
+        now = time.monotonic_ns()
+        t0, t1 = self.window
+        if not self._window_marked and now >= t0:
+            self.sampler.mark_window()
+            self._window_marked = True
+        if self._window_marked and self.manifest.activity is None and (ended or (t1 is not None and now >= t1)):
+            self.manifest.activity = self.sampler.window_activity()
+            self._save()
 
     def _kill_hung_tenant(self) -> str | None:
         """Kill the first tenant that sent nothing for ``hang_timeout_s`` and say why, or None.

@@ -17,19 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from multitenant.backends import EngineFailed
 from multitenant.backends import server as srv
-from multitenant.backends.server import (
-    LaunchedServer,
-    ServerError,
-    check_launch_command,
-    display_command,
-    free_port,
-    last_line,
-    last_words,
-    launch_argv,
-    redact_file,
-)
+from multitenant.backends.base import EngineFailed
+from multitenant.backends.launch import check_launch_command, display_command, free_port, launch_argv
+from multitenant.backends.server import LaunchedServer, ServerError, last_line, last_words, redact_file
 
 SSE = Path(__file__).resolve().parents[2] / "servers" / "sse_server.py"
 TEMPLATE = f"{{python}} {SSE} --port {{port}}"
@@ -166,10 +157,10 @@ def test_check_launch_command_accepts_startable_commands(template):
     assert check_launch_command(template) is None
 
 
-def test_server_module_imports_nothing_heavy():
-    """check_launch_command runs in config validation, before anything starts."""
+def test_backend_declarations_import_nothing_heavy():
+    """The registry (and check_launch_command) is read by config validation, before anything starts."""
     code = (
-        "import sys, multitenant.backends.server; "
+        "import sys, multitenant.backends, multitenant.backends.server; "
         "heavy = [m for m in ('aiohttp', 'torch', 'transformers', 'vllm') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

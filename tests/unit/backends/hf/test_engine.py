@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from multitenant.backends import Completion, Emission, Iteration  # noqa: E402
+from multitenant.backends.base import Completion, Emission, Iteration  # noqa: E402
 from multitenant.backends.hf.batching import bucket_for  # noqa: E402
 from multitenant.backends.hf.engine import HFEngine  # noqa: E402
 from multitenant.backends.hf.graphs import _FusedLinear, _StashedLinear, fuse_projections  # noqa: E402
@@ -126,8 +126,8 @@ def test_too_many_positions_raises_at_load():
 def test_device_info_on_cpu():
     e = HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16)
     info = e.device_info()
-    assert info["device"] == "cpu" and info["sms"] is None and info["total_memory_bytes"] is None
-    assert isinstance(info["device_name"], str) and info["device_name"]
+    assert info.device == "cpu" and info.sms is None and info.total_memory_bytes is None
+    assert isinstance(info.device_name, str) and info.device_name
 
 
 def test_eager_steps_give_each_request_exactly_n_out_tokens():

@@ -7,6 +7,12 @@ placeholders ``{port}``, ``{host}`` (127.0.0.1), ``{model}``, ``{python}`` (this
 assignments, as in a shell (``VLLM_CPU_KVCACHE_SPACE=1 vllm serve ...``). No shell runs: pipes,
 globs and ``$VAR`` are not expanded.
 
+The API key: a process's argv is visible to every user of the machine (``ps``), its environment
+only to its owner. A vLLM server (``vllm serve`` or ``-m vllm.entrypoints.openai.api_server``)
+reads its key from ``VLLM_API_KEY``, so it gets the key there and a ``--api-key {api_key}`` of
+its template is dropped from its argv. For other servers ``{api_key}`` is filled into the
+command line as written: the fallback, visible in ``ps`` while the server runs.
+
 Nothing here imports aiohttp, torch or vLLM, and nothing starts a process:
 ``check_launch_command`` runs during config validation, before anything starts.
 """
@@ -26,6 +32,8 @@ HOST = "127.0.0.1"
 PLACEHOLDERS = ("port", "host", "model", "python", "api_key")
 REDACTED = "<redacted>"
 _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+VLLM_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main")
 _PLACEHOLDER = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -72,7 +80,8 @@ def _fill(word: str, values: dict[str, str]) -> str:
 def launch_argv(template: str, port: int, model: str, api_key: str | None = None) -> tuple[dict[str, str], list[str]]:
     """``(env assignments, argv)`` of a launch template with its placeholders filled.
 
-    Without ``{port}`` in the template, ``--host 127.0.0.1 --port <port>`` is appended. Raises
+    Without ``{port}`` in the template, ``--host 127.0.0.1 --port <port>`` is appended. A vLLM
+    server gets ``api_key`` in ``VLLM_API_KEY``, not in its argv (module docstring). Raises
     ValueError when the template uses ``{api_key}`` and there is no key."""
     env, words = split_launch(template)
     if "{api_key}" in template and api_key is None:
@@ -80,14 +89,51 @@ def launch_argv(template: str, port: int, model: str, api_key: str | None = None
             "launch command uses {api_key} but no API key is set; set openai.api_key_env to the name of an "
             "environment variable holding it"
         )
+    key_in_env = api_key is not None and is_vllm_server(words)
+    if key_in_env:
+        words = _without_key_option(words)
     values = {"port": str(port), "host": HOST, "model": model, "python": sys.executable, "api_key": api_key or ""}
     argv = [_fill(w, values) for w in words]
     if argv:
         argv[0] = os.path.expanduser(argv[0])  # ~/bin/server, as a shell would
     env = {k: _fill(v, values) for k, v in env.items()}
+    if key_in_env:
+        assert api_key is not None
+        env.setdefault(VLLM_API_KEY_ENV, api_key)
     if "{port}" not in template:
         argv += ["--host", HOST, "--port", str(port)]
     return env, argv
+
+
+def python_module(words: list[str]) -> str | None:
+    """The module of ``<python> [options] -m <module> ...``, else None."""
+    for i in range(1, len(words) - 1):
+        if words[i] == "-m":
+            return words[i + 1]
+        if not words[i].startswith("-"):
+            return None
+    return None
+
+
+def is_vllm_server(words: list[str]) -> bool:
+    """Whether a launch template's words start vLLM's OpenAI server (which reads VLLM_API_KEY)."""
+    if len(words) >= 2 and os.path.basename(words[0]) == "vllm" and words[1] == "serve":
+        return True
+    return python_module(words) in VLLM_SERVER_MODULES
+
+
+def _without_key_option(words: list[str]) -> list[str]:
+    """``words`` less ``--api-key {api_key}`` and ``--api-key={api_key}``."""
+    out: list[str] = []
+    skip = False
+    for i, w in enumerate(words):
+        if skip:
+            skip = False
+        elif w == "--api-key" and i + 1 < len(words) and "{api_key}" in words[i + 1]:
+            skip = True
+        elif not (w.startswith("--api-key=") and "{api_key}" in w):
+            out.append(w)
+    return out
 
 
 def display_command(env: dict[str, str], argv: list[str], secrets: Iterable[str] = ()) -> str:

@@ -394,3 +394,41 @@ def test_stop_is_idempotent_and_quiet(tmp_path, servers):
     s.stop(timeout_s=5)
     s.check_alive()  # a server we stopped is not a failure
     assert s.returncode is not None
+
+
+# -- the API key of a vLLM server -----------------------------------------------------------------
+
+_FAKE_VLLM_SERVER = """
+import os, runpy, sys
+# Stands in for vLLM's server: the SSE test server, which takes the key vLLM reads from VLLM_API_KEY.
+key = os.environ.get("VLLM_API_KEY")
+sys.argv = [{sse!r}, *sys.argv[1:], *(["--api-key", key] if key else [])]
+runpy.run_path({sse!r}, run_name="__main__")
+"""
+
+
+def test_launch_argv_passes_a_vllm_servers_key_in_its_environment():
+    for template in ("vllm serve /m --api-key {api_key}", "{python} -m vllm.entrypoints.openai.api_server --api-key={api_key}"):
+        env, argv = launch_argv(template, port=1, model="m", api_key="sk-1")
+        assert env == {"VLLM_API_KEY": "sk-1"} and not any("sk-1" in w or w.startswith("--api-key") for w in argv), argv
+    env, argv = launch_argv("srv --key {api_key}", port=1, model="m", api_key="sk-1")  # not vLLM: the fallback
+    assert env == {} and "sk-1" in argv
+
+
+def test_a_launched_vllm_server_has_the_key_in_its_environment_not_its_argv(tmp_path, servers, monkeypatch):
+    """``ps`` shows a process's argv to every user; /proc/<pid>/environ only to its owner."""
+    pkg = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (pkg.parents[1], pkg.parent, pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "api_server.py").write_text(_FAKE_VLLM_SERVER.format(sse=str(SSE)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]))
+    key = "sk-test-0123456789"
+    s = LaunchedServer("{python} -m vllm.entrypoints.openai.api_server --api-key {api_key}", "m", tmp_path, api_key=key)
+    servers.append(s)
+    s.start(30)
+    assert key not in Path(f"/proc/{s.pid}/cmdline").read_bytes().decode()
+    assert f"VLLM_API_KEY={key}" in Path(f"/proc/{s.pid}/environ").read_bytes().decode()
+    assert srv.http_get(s.base_url + "/v1/models", {"Authorization": f"Bearer {key}"}, 5)[0] == 200
+    assert srv.http_get(s.base_url + "/v1/models", {}, 5)[0] == 401
+    assert key not in s.command

@@ -26,8 +26,13 @@ class OpenAIOptions:
     a command line the tenant starts on a free 127.0.0.1 port under its own MPS environment and
     stops at the end. Placeholders in ``launch``: ``{port}``, ``{host}``, ``{model}`` (a local
     model folder; for ``synthetic:<arch>`` one holding only its config.json), ``{python}`` (this
-    Python), ``{api_key}`` (the value of ``api_key_env``, never written anywhere). Without
+    Python), ``{api_key}`` (the value of ``api_key_env``, never written to a file). Without
     ``{port}``, ``--host 127.0.0.1 --port <port>`` is appended (vLLM, SGLang, llama.cpp).
+
+    The key: a vLLM server (``vllm serve``, ``-m vllm.entrypoints.openai.api_server``) gets it in
+    ``VLLM_API_KEY``, out of its command line (``--api-key {api_key}`` may be left out or is
+    dropped). For other servers ``{api_key}`` in ``launch`` is the fallback: it puts the key in
+    the server's argv, which every user of the machine sees in ``ps`` while it runs.
     """
 
     url: str | None = None

@@ -19,6 +19,7 @@ Nothing here imports aiohttp, torch or vLLM, and nothing starts a process:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -32,6 +33,7 @@ HOST = "127.0.0.1"
 PLACEHOLDERS = ("port", "host", "model", "python", "api_key")
 REDACTED = "<redacted>"
 _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+VLLM_INSTALL_FIX = "install the vLLM stack with: bash scripts/setup.sh vllm"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 VLLM_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main")
 _PLACEHOLDER = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -105,6 +107,11 @@ def launch_argv(template: str, port: int, model: str, api_key: str | None = None
     return env, argv
 
 
+def module_installed(package: str) -> bool:
+    """Whether a top-level package can be imported here (found, not imported)."""
+    return importlib.util.find_spec(package) is not None
+
+
 def python_module(words: list[str]) -> str | None:
     """The module of ``<python> [options] -m <module> ...``, else None."""
     for i in range(1, len(words) - 1):
@@ -150,7 +157,8 @@ def check_launch_command(template: str) -> str | None:
 
     Checks what can be known before anything runs: the command is not empty, its quotes
     balance, its placeholders are known ones, and its executable exists (on PATH, or as an
-    executable file; ``{python}`` is this Python). Cheap: no process is started."""
+    executable file; ``{python}`` is this Python, and the module of ``{python} -m <module>`` must
+    be installed in it). Cheap: no process is started, no module imported."""
     if not template or not template.strip():
         return "launch command is empty; give the server's command line, e.g. '{python} -m vllm.entrypoints.openai.api_server --model {model}'"
     try:
@@ -165,7 +173,14 @@ def check_launch_command(template: str) -> str | None:
         return f"launch command `{template}` sets variables but names no program; add the server's command"
     exe = words[0]
     if exe == "{python}":
-        return None
+        module = python_module(words)
+        if module is None or _PLACEHOLDER.search(module):
+            return None
+        package = module.split(".")[0]
+        if module_installed(package):
+            return None
+        fix = VLLM_INSTALL_FIX if package == "vllm" else f"install {package} in this environment"
+        return f"launch command `{template}`: module {package} is not installed for {sys.executable}; {fix}"
     if _PLACEHOLDER.search(exe):
         return None  # e.g. {model}/serve.sh: only known once the model folder exists
     if os.sep in exe:
@@ -173,6 +188,8 @@ def check_launch_command(template: str) -> str | None:
         if not path.is_file() or not os.access(path, os.X_OK):
             return f"launch command `{template}`: {exe} is not an executable file; fix the path or chmod +x it"
         return None
+    if shutil.which(exe) is None and exe == "vllm":
+        return f"launch command `{template}`: vllm is not on PATH; {VLLM_INSTALL_FIX}"
     if shutil.which(exe) is None:
         return (
             f"launch command `{template}`: {exe} is not on PATH; install it in this environment, give its full "

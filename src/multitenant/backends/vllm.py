@@ -43,6 +43,7 @@ from typing import Any
 
 from multitenant.backends.base import Backend, DeviceInfo, EngineContext, TenantCheck
 from multitenant.backends.checks import positive
+from multitenant.backends.launch import VLLM_INSTALL_FIX
 from multitenant.backends.probe import device_info as probe_device_info
 from multitenant.backends.stream import StreamEngine
 from multitenant.config.schema import fail
@@ -57,7 +58,6 @@ from multitenant.schema import (
 )
 from multitenant.workload import RequestSpec
 
-VLLM_INSTALL_FIX = "install the vLLM stack with: bash scripts/setup.sh vllm"
 # vLLM's own default gpu_memory_utilization (a fraction of the GPU's total memory).
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # Engine arguments the tenant sets itself from its own fields.

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from multitenant.backends import launch as launch_mod
 from multitenant.backends import server as srv
 from multitenant.backends.base import EngineFailed
 from multitenant.backends.launch import check_launch_command, display_command, free_port, launch_argv
@@ -146,7 +147,8 @@ def test_check_launch_command_rejects_a_file_that_is_not_executable(tmp_path):
 @pytest.mark.parametrize(
     "template",
     [
-        "{python} -m vllm.entrypoints.openai.api_server --model {model} --port {port}",
+        "{python} -m http.server {port}",
+        "{python} -u -m json.tool",
         "VLLM_CPU_KVCACHE_SPACE=1 sh -c 'exec sleep 1'",
         f"{sys.executable} -m http.server",
         "{model}/serve.sh --port {port}",  # only known once the model folder exists
@@ -154,6 +156,17 @@ def test_check_launch_command_rejects_a_file_that_is_not_executable(tmp_path):
     ],
 )
 def test_check_launch_command_accepts_startable_commands(template):
+    assert check_launch_command(template) is None
+
+
+def test_check_launch_command_refuses_a_module_that_is_not_installed(monkeypatch):
+    problem = check_launch_command("{python} -m no_such_module_xyz.server --port {port}")
+    assert problem is not None and "install no_such_module_xyz in this environment" in problem, problem
+    template = "{python} -m vllm.entrypoints.openai.api_server --model {model}"
+    monkeypatch.setattr(launch_mod, "module_installed", lambda name: name != "vllm")
+    problem = check_launch_command(template)
+    assert problem is not None and "bash scripts/setup.sh vllm" in problem and "\n" not in problem, problem
+    monkeypatch.setattr(launch_mod, "module_installed", lambda name: True)
     assert check_launch_command(template) is None
 
 

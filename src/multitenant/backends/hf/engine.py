@@ -63,6 +63,7 @@ from multitenant.backends.hf.graphs import (
     GRAPH_IMPLS,
     GRAPHS_MODEL_TYPES,
     StaticRunner,
+    cache_kwarg,
     fuse_projections,
     use_static_attention,
 )
@@ -191,6 +192,7 @@ class HFEngine:
         self.vocab_size = info["vocab_size"]
         self._pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = cache_kwarg(model)
         if self.execution == "graphs":
             if cfg.model_type not in GRAPHS_MODEL_TYPES:
                 raise ValueError(
@@ -350,11 +352,11 @@ class HFEngine:
                 input_ids=self._last_tokens[:, None],
                 attention_mask=self._attn2d[:, : self._width + s],
                 position_ids=(self._lengths + (s - 1))[:, None],
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_kwarg: self._cache},
                 **extra,
             )
-        self._cache = out.past_key_values
+        self._cache = getattr(out, self._cache_kwarg)
         logits = out.logits[:, -1, :]
         self._last_tokens = torch.argmax(logits, dim=-1)
         if self.keep_logits:

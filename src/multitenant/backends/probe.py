@@ -12,40 +12,39 @@ import json
 import platform
 import subprocess
 import sys
-from typing import Any
+
+from multitenant.backends.base import DeviceInfo
 
 # torch reports the SM count under the process's MPS active-thread percentage.
 _PROBE = (
     "import json, torch; p = torch.cuda.get_device_properties(0); "
-    "print(json.dumps({'device_name': p.name, 'sms': int(p.multi_processor_count), "
-    "'total_memory_bytes': int(p.total_memory)}))"
+    "print(json.dumps([p.name, int(p.multi_processor_count), int(p.total_memory)]))"
 )
 PROBE_TIMEOUT_S = 120.0
 
 
-def cpu_info() -> dict[str, Any]:
+def cpu_info() -> DeviceInfo:
     """``device_info`` of a tenant on the CPU."""
-    return {
-        "device": "cpu",
-        "device_name": platform.processor() or platform.machine() or "cpu",
-        "sms": None,
-        "total_memory_bytes": None,
-    }
+    return DeviceInfo("cpu", platform.processor() or platform.machine() or "cpu", None, None)
 
 
-def device_info(engine_device: str) -> dict[str, Any]:
-    """``device_info`` keys (device, device_name, sms, total_memory_bytes) for a tenant whose
-    engine runs elsewhere; on a GPU from a probe process, on failure with ``sms`` None and the
-    reason in ``probe_error`` (the run goes on: this is a record, not a requirement)."""
+def device_info(engine_device: str) -> DeviceInfo:
+    """``device_info`` of a tenant whose engine runs elsewhere; on a GPU from a probe process, on
+    failure with ``sms`` None and the reason in ``probe_error`` (the run goes on: this is a
+    record, not a requirement)."""
     if not engine_device.startswith("cuda"):
         return cpu_info()
     try:
         res = subprocess.run(
-            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+            [sys.executable, "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
         )
         if res.returncode != 0:
             raise RuntimeError((res.stderr.strip().splitlines() or ["no output"])[-1])
-        info = json.loads(res.stdout.strip().splitlines()[-1])
-    except (OSError, RuntimeError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
-        return {"device": engine_device, "device_name": None, "sms": None, "total_memory_bytes": None, "probe_error": str(e)}
-    return {"device": engine_device, **info}
+        name, sms, total = json.loads(res.stdout.strip().splitlines()[-1])
+        return DeviceInfo(engine_device, str(name), int(sms), int(total))
+    except (OSError, RuntimeError, ValueError, IndexError, TypeError, subprocess.TimeoutExpired) as e:
+        return DeviceInfo(engine_device, None, None, None, probe_error=str(e))

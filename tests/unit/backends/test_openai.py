@@ -1,4 +1,4 @@
-"""The openai backend (backends/openai.py) against the SSE test server, launched or at a URL.
+"""The openai backend (backends/openai/) against the SSE test server, launched or at a URL.
 
 The test server stands in for vLLM (same chunk format; tests/servers/sse_server.py); the real
 ``vllm serve`` is exercised elsewhere.
@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from multitenant.backends import Completion, Emission, EngineFailed, Progress
-from multitenant.backends.openai import OpenAIEngine, StreamCount, error_message, normalize_url
-from multitenant.backends.server import LaunchedServer, ServerError, free_port, redact_file
-from multitenant.config import OpenAIOptions, TenantConfig
+from multitenant.backends.base import Completion, Emission, EngineContext, EngineFailed, Progress
+from multitenant.backends.launch import free_port
+from multitenant.backends.openai import OpenAIOptions
+from multitenant.backends.openai.engine import OpenAIEngine, build
+from multitenant.backends.openai.sse import StreamCount, error_message, normalize_url
+from multitenant.backends.server import LaunchedServer, ServerError, redact_file
+from multitenant.config.schema import TenantConfig
 from multitenant.workload import RequestSpec
 
 SSE = Path(__file__).resolve().parents[2] / "servers" / "sse_server.py"
@@ -30,8 +33,21 @@ def launch(*flags: str) -> str:
     return " ".join([f"{{python}} {SSE} --port {{port}}", *flags])
 
 
+def ctx(tmp_path: Path, **openai: Any) -> EngineContext:
+    """What the tenant process builds the engine from."""
+    return EngineContext(
+        name="t",
+        tenant=TenantConfig(backend="openai", model=MODEL, dtype="float32"),
+        options=OpenAIOptions(**{"health_timeout_s": 20.0, **openai}),
+        device="cpu",
+        tenant_dir=tmp_path,
+        max_input_len=64,
+        max_output_len=32,
+    )
+
+
 def spec(tmp_path: Path, **openai: Any) -> dict[str, Any]:
-    """A tenant spec as the orchestrator writes it (plain data)."""
+    """A tenant spec as the orchestrator writes it (plain data), for the tenant loop."""
     tenant = dataclasses.asdict(TenantConfig(backend="openai", model=MODEL, dtype="float32"))
     tenant["openai"] = dataclasses.asdict(OpenAIOptions(**{"health_timeout_s": 20.0, **openai}))
     return {
@@ -54,7 +70,7 @@ def engines():
 
 
 def loaded(engines: list[OpenAIEngine], tmp_path: Path, **openai: Any) -> OpenAIEngine:
-    e = OpenAIEngine.from_spec(spec(tmp_path, **openai), tmp_path)
+    e = build(ctx(tmp_path, **openai))
     engines.append(e)
     e.load()
     return e
@@ -266,7 +282,7 @@ def test_a_stream_error_on_a_healthy_server_fails_only_that_request(tmp_path, en
 
 @pytest.mark.timeout(60)
 def test_load_fails_with_one_line_when_the_server_exits_at_start(tmp_path, engines):
-    e = OpenAIEngine.from_spec(spec(tmp_path, launch=launch("--exit-at-start")), tmp_path)
+    e = build(ctx(tmp_path, launch=launch("--exit-at-start")))
     engines.append(e)
     with pytest.raises(ServerError, match=r"exited with code 1 before it was healthy: sse_server: exiting at start"):
         e.load()
@@ -368,7 +384,7 @@ def test_the_key_in_server_logs_is_redacted(tmp_path, engines, monkeypatch):
 
 def test_a_missing_api_key_variable_fails_load_naming_it(tmp_path, engines, monkeypatch):
     monkeypatch.delenv("MT_TEST_NO_KEY", raising=False)
-    e = OpenAIEngine.from_spec(spec(tmp_path, launch=launch(), api_key_env="MT_TEST_NO_KEY"), tmp_path)
+    e = build(ctx(tmp_path, launch=launch(), api_key_env="MT_TEST_NO_KEY"))
     engines.append(e)
     with pytest.raises(ValueError, match="MT_TEST_NO_KEY but it is not set in the environment; export MT_TEST_NO_KEY"):
         e.load()
@@ -404,7 +420,7 @@ def test_url_server_is_used_and_never_stopped(tmp_path, engines):
 
 def test_unreachable_url_fails_within_its_health_timeout(tmp_path, engines):
     port = free_port(None)
-    e = OpenAIEngine.from_spec(spec(tmp_path, url=f"http://127.0.0.1:{port}", health_timeout_s=1.0), tmp_path)
+    e = build(ctx(tmp_path, url=f"http://127.0.0.1:{port}", health_timeout_s=1.0))
     engines.append(e)
     t = time.monotonic()
     with pytest.raises(ServerError, match=rf"server at http://127.0.0.1:{port} did not answer within 1 s"):
@@ -414,7 +430,7 @@ def test_unreachable_url_fails_within_its_health_timeout(tmp_path, engines):
 
 def test_url_and_launch_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="exactly one of openai.url"):
-        OpenAIEngine.from_spec(spec(tmp_path, url="http://x", launch="srv"), tmp_path)
+        build(ctx(tmp_path, url="http://x", launch="srv"))
 
 
 @pytest.mark.timeout(60)

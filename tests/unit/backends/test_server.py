@@ -17,19 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from multitenant.backends import EngineFailed
+from multitenant.backends import launch as launch_mod
 from multitenant.backends import server as srv
-from multitenant.backends.server import (
-    LaunchedServer,
-    ServerError,
-    check_launch_command,
-    display_command,
-    free_port,
-    last_line,
-    last_words,
-    launch_argv,
-    redact_file,
-)
+from multitenant.backends.base import EngineFailed
+from multitenant.backends.launch import check_launch_command, display_command, free_port, launch_argv
+from multitenant.backends.server import LaunchedServer, ServerError, last_line, last_words, redact_file
 
 SSE = Path(__file__).resolve().parents[2] / "servers" / "sse_server.py"
 TEMPLATE = f"{{python}} {SSE} --port {{port}}"
@@ -155,7 +147,8 @@ def test_check_launch_command_rejects_a_file_that_is_not_executable(tmp_path):
 @pytest.mark.parametrize(
     "template",
     [
-        "{python} -m vllm.entrypoints.openai.api_server --model {model} --port {port}",
+        "{python} -m http.server {port}",
+        "{python} -u -m json.tool",
         "VLLM_CPU_KVCACHE_SPACE=1 sh -c 'exec sleep 1'",
         f"{sys.executable} -m http.server",
         "{model}/serve.sh --port {port}",  # only known once the model folder exists
@@ -166,10 +159,21 @@ def test_check_launch_command_accepts_startable_commands(template):
     assert check_launch_command(template) is None
 
 
-def test_server_module_imports_nothing_heavy():
-    """check_launch_command runs in config validation, before anything starts."""
+def test_check_launch_command_refuses_a_module_that_is_not_installed(monkeypatch):
+    problem = check_launch_command("{python} -m no_such_module_xyz.server --port {port}")
+    assert problem is not None and "install no_such_module_xyz in this environment" in problem, problem
+    template = "{python} -m vllm.entrypoints.openai.api_server --model {model}"
+    monkeypatch.setattr(launch_mod, "module_installed", lambda name: name != "vllm")
+    problem = check_launch_command(template)
+    assert problem is not None and "bash scripts/setup.sh vllm" in problem and "\n" not in problem, problem
+    monkeypatch.setattr(launch_mod, "module_installed", lambda name: True)
+    assert check_launch_command(template) is None
+
+
+def test_backend_declarations_import_nothing_heavy():
+    """The registry (and check_launch_command) is read by config validation, before anything starts."""
     code = (
-        "import sys, multitenant.backends.server; "
+        "import sys, multitenant.backends, multitenant.backends.server; "
         "heavy = [m for m in ('aiohttp', 'torch', 'transformers', 'vllm') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -403,3 +407,41 @@ def test_stop_is_idempotent_and_quiet(tmp_path, servers):
     s.stop(timeout_s=5)
     s.check_alive()  # a server we stopped is not a failure
     assert s.returncode is not None
+
+
+# -- the API key of a vLLM server -----------------------------------------------------------------
+
+_FAKE_VLLM_SERVER = """
+import os, runpy, sys
+# Stands in for vLLM's server: the SSE test server, which takes the key vLLM reads from VLLM_API_KEY.
+key = os.environ.get("VLLM_API_KEY")
+sys.argv = [{sse!r}, *sys.argv[1:], *(["--api-key", key] if key else [])]
+runpy.run_path({sse!r}, run_name="__main__")
+"""
+
+
+def test_launch_argv_passes_a_vllm_servers_key_in_its_environment():
+    for template in ("vllm serve /m --api-key {api_key}", "{python} -m vllm.entrypoints.openai.api_server --api-key={api_key}"):
+        env, argv = launch_argv(template, port=1, model="m", api_key="sk-1")
+        assert env == {"VLLM_API_KEY": "sk-1"} and not any("sk-1" in w or w.startswith("--api-key") for w in argv), argv
+    env, argv = launch_argv("srv --key {api_key}", port=1, model="m", api_key="sk-1")  # not vLLM: the fallback
+    assert env == {} and "sk-1" in argv
+
+
+def test_a_launched_vllm_server_has_the_key_in_its_environment_not_its_argv(tmp_path, servers, monkeypatch):
+    """``ps`` shows a process's argv to every user; /proc/<pid>/environ only to its owner."""
+    pkg = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (pkg.parents[1], pkg.parent, pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "api_server.py").write_text(_FAKE_VLLM_SERVER.format(sse=str(SSE)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]))
+    key = "sk-test-0123456789"
+    s = LaunchedServer("{python} -m vllm.entrypoints.openai.api_server --api-key {api_key}", "m", tmp_path, api_key=key)
+    servers.append(s)
+    s.start(30)
+    assert key not in Path(f"/proc/{s.pid}/cmdline").read_bytes().decode()
+    assert f"VLLM_API_KEY={key}" in Path(f"/proc/{s.pid}/environ").read_bytes().decode()
+    assert srv.http_get(s.base_url + "/v1/models", {"Authorization": f"Bearer {key}"}, 5)[0] == 200
+    assert srv.http_get(s.base_url + "/v1/models", {}, 5)[0] == 401
+    assert key not in s.command

@@ -2,7 +2,7 @@
 
 Two ways to drive it:
 
-- the tenant's continuous-batching protocol (``backends.Engine``): ``submit`` requests at any
+- the tenant's continuous-batching protocol (``backends.base.Engine``): ``submit`` requests at any
   time, ``poll`` runs one model step and reports who received a token. Static batching is this
   engine's own policy: ``poll`` starts a batch of up to ``max_batch`` waiting requests only when
   the previous batch is over, and a batch runs until its longest request is done (the others
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from multitenant.backends import Completion, Emission, Iteration, Progress
+from multitenant.backends.base import Completion, DeviceInfo, Emission, EngineContext, Iteration, Progress
 from multitenant.backends.hf.batching import (
     bucket_for,
     cache_length,
@@ -63,6 +63,7 @@ from multitenant.backends.hf.graphs import (
     GRAPH_IMPLS,
     GRAPHS_MODEL_TYPES,
     StaticRunner,
+    cache_kwarg,
     fuse_projections,
     use_static_attention,
 )
@@ -77,26 +78,24 @@ WARMUP_PROMPT_LEN = 8
 WARMUP_OUTPUT_LEN = 3
 
 
+def build(ctx: EngineContext) -> HFEngine:
+    """The engine of one tenant (``Backend.build``); its graph buckets fit the arrival process."""
+    t = ctx.tenant
+    return HFEngine(
+        model=t.model,
+        dtype=t.dtype,
+        device=ctx.device,
+        execution=t.execution,
+        task=t.task,
+        max_batch=t.max_batch,
+        max_input_len=ctx.max_input_len,
+        max_output_len=ctx.max_output_len,
+        batch_buckets=window_buckets(t.max_batch, t.workload.arrival.kind, t.workload.arrival.concurrency),
+    )
+
+
 class HFEngine:
     """One tenant's model, its static batches and the protocol around them (module docstring)."""
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> HFEngine:
-        """The engine of a tenant spec (``backends.make_engine``)."""
-        t = spec["tenant"]
-        return cls(
-            model=t["model"],
-            dtype=t["dtype"],
-            device=spec["engine_device"],
-            execution=t["execution"],
-            task=t["task"],
-            max_batch=t["max_batch"],
-            max_input_len=spec["max_input_len"],
-            max_output_len=spec["max_output_len"],
-            batch_buckets=window_buckets(
-                t["max_batch"], t["workload"]["arrival"]["kind"], t["workload"]["arrival"]["concurrency"]
-            ),
-        )
 
     def __init__(
         self,
@@ -193,6 +192,7 @@ class HFEngine:
         self.vocab_size = info["vocab_size"]
         self._pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = cache_kwarg(model)
         if self.execution == "graphs":
             if cfg.model_type not in GRAPHS_MODEL_TYPES:
                 raise ValueError(
@@ -247,23 +247,13 @@ class HFEngine:
         self._sync()
         self._reset_batch_state()
 
-    def device_info(self) -> dict[str, Any]:
+    def device_info(self) -> DeviceInfo:
         """What the tenant reports in ``ready``: device, its name, SMs it sees, memory."""
         if self.device.type == "cuda":
             idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
             props = torch.cuda.get_device_properties(idx)
-            return {
-                "device": f"cuda:{idx}",
-                "device_name": props.name,
-                "sms": int(props.multi_processor_count),
-                "total_memory_bytes": int(props.total_memory),
-            }
-        return {
-            "device": "cpu",
-            "device_name": platform.processor() or platform.machine() or "cpu",
-            "sms": None,
-            "total_memory_bytes": None,
-        }
+            return DeviceInfo(f"cuda:{idx}", props.name, int(props.multi_processor_count), int(props.total_memory))
+        return DeviceInfo("cpu", platform.processor() or platform.machine() or "cpu", None, None)
 
     # -- generate: static batching
 
@@ -362,11 +352,11 @@ class HFEngine:
                 input_ids=self._last_tokens[:, None],
                 attention_mask=self._attn2d[:, : self._width + s],
                 position_ids=(self._lengths + (s - 1))[:, None],
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_kwarg: self._cache},
                 **extra,
             )
-        self._cache = out.past_key_values
+        self._cache = getattr(out, self._cache_kwarg)
         logits = out.logits[:, -1, :]
         self._last_tokens = torch.argmax(logits, dim=-1)
         if self.keep_logits:
@@ -403,7 +393,7 @@ class HFEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # -- the tenant protocol (backends.Engine): static batching as this engine's policy
+    # -- the tenant protocol (backends.base.Engine): static batching as this engine's policy
 
     def submit(self, request: RequestSpec) -> None:
         """Queue a request; it joins the next batch that starts (never the running one)."""

@@ -26,7 +26,7 @@ from multitenant.backends.hf.batching import PaddedBatch
 
 GRAPH_IMPLS = ("inductor_cudagraph", "cudagraph", "reduce_overhead", "none")
 DEFAULT_GRAPH_IMPL = "inductor_cudagraph"
-# model_type values whose decoder layers call ``past_key_values.update`` and the registered
+# model_type values whose decoder layers call ``update`` on the cache they are given and the registered
 # attention function, which is what the static path relies on (tested on CPU for each).
 GRAPHS_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 STATIC_ATTENTION = "multitenant_static"
@@ -101,6 +101,13 @@ class StaticKVCache:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of the model forward's KV-cache argument, also the output's attribute: ``cache``
+    in the transformers versions that deprecate ``past_key_values`` (removed in 5.40), else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -296,6 +303,7 @@ class StaticRunner:
             mode = "reduce-overhead" if impl == "reduce_overhead" else None
             self._fn = torch.compile(self._decode_core, mode=mode, fullgraph=True, dynamic=False)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = cache_kwarg(model)
 
     # -- buffers per bucket
 
@@ -325,8 +333,8 @@ class StaticRunner:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=mask,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self._cache_kwarg: self.cache},
         )
         logits = out.logits[:, -1, :]
         tokens = torch.argmax(logits, dim=-1)
@@ -361,8 +369,8 @@ class StaticRunner:
                 input_ids=ids,
                 position_ids=pos,
                 attention_mask=mask4,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self._cache_kwarg: self.cache},
                 **extra,
             )
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from multitenant.backends import Completion, Emission, Iteration  # noqa: E402
+from multitenant.backends.base import Completion, Emission, Iteration  # noqa: E402
 from multitenant.backends.hf.batching import bucket_for  # noqa: E402
 from multitenant.backends.hf.engine import HFEngine  # noqa: E402
 from multitenant.backends.hf.graphs import _FusedLinear, _StashedLinear, fuse_projections  # noqa: E402
@@ -126,8 +127,8 @@ def test_too_many_positions_raises_at_load():
 def test_device_info_on_cpu():
     e = HFEngine(TINY, "float32", "cpu", "eager", "generate", 4, 32, 16)
     info = e.device_info()
-    assert info["device"] == "cpu" and info["sms"] is None and info["total_memory_bytes"] is None
-    assert isinstance(info["device_name"], str) and info["device_name"]
+    assert info.device == "cpu" and info.sms is None and info.total_memory_bytes is None
+    assert isinstance(info.device_name, str) and info.device_name
 
 
 def test_eager_steps_give_each_request_exactly_n_out_tokens():
@@ -199,6 +200,20 @@ def test_static_path_matches_eager_tokens_and_logits(model):
     for a, b in zip(le, ls, strict=True):
         # rows of finished requests keep decoding; their logits must agree too
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["synthetic:tiny-llama", "synthetic:gpt2"])
+def test_no_deprecated_transformers_call(model):
+    """transformers 5 renamed the forward's ``past_key_values`` to ``cache`` (the old name is
+    removed in 5.40): neither path may use a name transformers has deprecated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for execution in ("eager", "graphs"):
+            e = engine(execution, model, impl="none")
+            e.warmup()
+            tokens, _ = run_batch(e, make_prompts([5, 3], seed=3), [3, 2])
+            assert [len(t) for t in tokens] == [3, 2]
 
 
 def test_static_path_partial_batches_reuse_buckets():

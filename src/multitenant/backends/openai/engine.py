@@ -6,50 +6,47 @@ running one at ``openai.url`` that the harness never starts or stops.
 
 Requests are token-id prompts POSTed to ``<base_url><endpoint>`` (``/v1/completions``) with
 ``stream: true``; each SSE chunk that carries tokens becomes an ``Emission`` stamped with
-``time.monotonic_ns()`` when the client received it. Tokens per chunk, best source first:
-
-1. ``len(choice["token_ids"])`` when the server returns token ids (vLLM with
-   ``extra_body: {return_token_ids: true}``; exact, also when one chunk carries several);
-2. the increase of ``usage.completion_tokens`` when chunks carry usage
-   (``stream_options.continuous_usage_stats``);
-3. else 1 per chunk whose choice has text or no ``finish_reason`` (an empty chunk with a
-   finish reason is a terminal marker: 0).
-
-The final usage chunk (``stream_options.include_usage``) gives the server's own count,
-recorded in ``done`` as ``usage_tokens``. When it exceeds what the stream carried (rule 3 on a
-server that packs tokens, or vLLM without a tokenizer, whose last token comes in an empty-text
-chunk with the finish reason), the missing tokens are emitted when the usage chunk arrives, so
-``n_out`` is the server's count; any disagreement also puts a one-line ``warning`` in ``done``.
+``time.monotonic_ns()`` when the client received it; ``sse.py`` says how many tokens a chunk
+carries. The final usage chunk gives the server's own count, recorded in ``done`` as
+``usage_tokens``. When it exceeds what the stream carried (a server that packs tokens, or vLLM
+without a tokenizer, whose last token comes in an empty-text chunk with the finish reason), the
+missing tokens are emitted when the usage chunk arrives, so ``n_out`` is the server's count;
+any disagreement also puts a one-line ``warning`` in ``done``.
 
 Failures: a request the server rejects or breaks off (HTTP error, an ``error`` chunk, a dropped
 connection) is a ``Completion`` with status error, and the tenant goes on. A launched server
 that has died, or whose health check no longer answers 200 after such a failure (vLLM once
 its engine core died), makes ``poll`` raise EngineFailed instead, before the errors it caused.
 
-Threads: an asyncio loop in a background thread runs one aiohttp session; ``submit`` and
-``cancel`` hand work to it with ``call_soon_threadsafe``. Everything it reports goes through one
-lock: the receiving side stamps the time and appends under it, ``poll`` takes ``now_ns`` and
-drains under it, which is the ordering ``Progress`` promises.
+Threads: the loop, the per-request tasks and the locked event list are ``stream.StreamEngine``'s;
+this engine adds one aiohttp session on that loop and the launched server's checks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import orjson
 
-from multitenant.backends import Completion, Emission, EngineFailed, Event, Progress, probe
+from multitenant.backends.base import DeviceInfo, EngineContext, EngineFailed
+from multitenant.backends.openai import OpenAIOptions
+from multitenant.backends.openai.sse import (
+    StreamCount,
+    StreamError,
+    error_message,
+    merge_body,
+    normalize_url,
+    numpy_default,
+    one_line,
+)
+from multitenant.backends.probe import device_info as probe_device_info
 from multitenant.backends.server import LaunchedServer, ServerError, http_get, wait_healthy
-from multitenant.config import OpenAIOptions
+from multitenant.backends.stream import StreamEngine
 from multitenant.models import SYNTHETIC_PREFIX, model_vocab_size, synthetic_model_dir
 from multitenant.schema import DONE_USAGE_TOKENS, DONE_WARNING, STATUS_ERROR, STATUS_OK
 from multitenant.workload import RequestSpec
@@ -58,100 +55,19 @@ SERVER_CHECK_INTERVAL_NS = 50_000_000  # poll checks the launched server's proce
 DEATH_GRACE_S = 1.0  # a dropped stream waits this long for a dying server to be reaped
 HEALTH_CHECK_TIMEOUT_S = 5.0  # after a server-side error: is the server still healthy?
 MAX_LINE_BYTES = 64 << 20  # one SSE line; vLLM's first chunk repeats the prompt's token ids
-ERROR_TEXT_CHARS = 300
 INFO_TIMEOUT_S = 10.0  # GET /v1/models, /version after the server is healthy
 
 
-class StreamError(Exception):
-    """The server reported an error inside the stream (an ``error`` object in a chunk)."""
+def build(ctx: EngineContext) -> OpenAIEngine:
+    """The engine of one tenant (``Backend.build``)."""
+    options = ctx.options if ctx.options is not None else OpenAIOptions()
+    return OpenAIEngine(options, ctx.tenant.model, ctx.tenant.dtype, ctx.device, ctx.tenant_dir)
 
 
-def _one_line(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
-    return " ".join(text.split())[:limit]
-
-
-def error_message(body: bytes | str) -> str:
-    """The message of an error body (OpenAI ``{"error": {"message"}}``, vLLM's older
-    ``{"message"}``, FastAPI's ``{"detail"}``, or the raw text), on one line, shortened."""
-    raw = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return _one_line(raw) or "(empty body)"
-    msg: Any = None
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        msg = err.get("message") if isinstance(err, dict) else err
-        msg = msg or obj.get("message") or obj.get("detail")
-    return _one_line(str(msg if msg else raw)) or "(empty body)"
-
-
-class StreamCount:
-    """Token accounting of one streamed completion, fed chunk by chunk (module docstring)."""
-
-    __slots__ = ("streamed", "usage_tokens", "finished", "_cumulative")
-
-    def __init__(self) -> None:
-        self.streamed = 0  # tokens the chunks carried
-        self.usage_tokens: int | None = None  # the final usage chunk's completion_tokens
-        self.finished = False  # a choice had a finish_reason
-        self._cumulative = 0  # completion_tokens of the last chunk with usage (continuous stats)
-
-    def feed(self, chunk: dict[str, Any]) -> int:
-        """Tokens in this chunk. Raises StreamError if the chunk is an error report."""
-        if chunk.get("error") is not None or chunk.get("object") == "error":
-            raise StreamError(error_message(orjson.dumps(chunk)))
-        choices = chunk.get("choices")
-        usage = chunk.get("usage")
-        if not choices:
-            if usage and usage.get("completion_tokens") is not None:
-                self.usage_tokens = int(usage["completion_tokens"])
-            return 0
-        choice = choices[0]
-        ids = choice.get("token_ids")
-        if ids is not None:
-            n = len(ids)
-        elif usage and usage.get("completion_tokens") is not None:
-            n = max(0, int(usage["completion_tokens"]) - self._cumulative)
-        else:
-            n = 1 if choice.get("text") or choice.get("finish_reason") is None else 0
-        if usage and usage.get("completion_tokens") is not None:
-            self._cumulative = int(usage["completion_tokens"])
-        if choice.get("finish_reason") is not None:
-            self.finished = True
-        self.streamed += n
-        return n
-
-
-def _merge_body(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` over ``base``; a dict in both (``stream_options``) is merged one level deep, so
-    adding ``continuous_usage_stats`` keeps ``include_usage``."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _numpy_default(obj: Any) -> Any:
-    # orjson serialises contiguous numpy arrays itself and falls back here for the rest.
-    if isinstance(obj, np.ndarray | np.generic):
-        return obj.tolist()
-    raise TypeError(f"cannot serialise {type(obj).__name__} into a request body")
-
-
-def normalize_url(url: str, endpoint: str) -> str:
-    """``url`` without a trailing slash, and without a trailing ``/v1`` when the endpoint
-    starts with it (``http://host:8000/v1`` is how OpenAI clients name a server)."""
-    url = url.rstrip("/")
-    if url.endswith("/v1") and endpoint.startswith("/v1/"):
-        url = url[: -len("/v1")]
-    return url
-
-
-class OpenAIEngine:
+class OpenAIEngine(StreamEngine):
     """Streaming client of an OpenAI-compatible server, launched by the tenant or at a URL."""
 
-    vocab_size: int
+    thread_name = "openai-client"
 
     def __init__(self, options: OpenAIOptions, model: str, dtype: str, engine_device: str, tenant_dir: Path) -> None:
         if (options.url is None) == (options.launch is None):
@@ -159,12 +75,12 @@ class OpenAIEngine:
                 "an openai tenant needs exactly one of openai.url (a running server) and openai.launch "
                 f"(a command the tenant starts); got url={options.url!r}, launch={options.launch!r}"
             )
+        super().__init__()
         self.options = options
         self.model = model
         self.dtype = dtype
         self.engine_device = engine_device
         self.tenant_dir = Path(tenant_dir)
-        self.vocab_size = 0  # known after load
         self.base_url = ""
         self.model_name: str | None = options.model_name
         self.server_version: str | None = None
@@ -173,29 +89,8 @@ class OpenAIEngine:
         self._headers: dict[str, str] = {}
         self._body: dict[str, Any] = {}
         self._url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._cond = threading.Condition(threading.Lock())
-        self._events: list[Event] = []
-        self._failed = False  # the loop found the launched server gone or unhealthy
-        self._fail_reason = ""
         self._last_check_ns = 0
-        self._closed = False
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], tenant_dir: Path) -> OpenAIEngine:
-        """The engine of one tenant from the orchestrator's spec (``spec["tenant"]["openai"]``
-        holds the fields of ``config.OpenAIOptions``)."""
-        t = spec["tenant"]
-        return cls(
-            OpenAIOptions(**t.get("openai") or {}),
-            model=t["model"],
-            dtype=t.get("dtype", "bfloat16"),
-            engine_device=spec.get("engine_device", "cpu"),
-            tenant_dir=tenant_dir,
-        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -235,6 +130,7 @@ class OpenAIEngine:
         self._body = {"model": self.model_name, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
         self._url = self.base_url + o.endpoint
         self._start_loop()
+        self._run(self._open_session(), 30)
 
     def warmup(self) -> None:
         """Nothing to do here: the server warms itself up, and the tenant serves
@@ -258,7 +154,7 @@ class OpenAIEngine:
             return str(orjson.loads(body)["data"][0]["id"])
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise ServerError(
-                f"cannot learn the model name from GET {url} ({_one_line(str(e))}); set openai.model_name"
+                f"cannot learn the model name from GET {url} ({one_line(str(e))}); set openai.model_name"
             ) from None
 
     def _server_version(self) -> str | None:
@@ -270,13 +166,6 @@ class OpenAIEngine:
             pass  # optional: only some servers (vLLM) have /version
         return None
 
-    def _start_loop(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="openai-client", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._open_session(), loop).result(timeout=30)
-
     async def _open_session(self) -> None:
         self._session = aiohttp.ClientSession(
             # No connection limit: the tenant's arrival process, not the pool, decides concurrency.
@@ -285,108 +174,44 @@ class OpenAIEngine:
             headers={"Content-Type": "application/json", **self._headers},
         )
 
-    def close(self) -> None:
-        """Cancel what is in flight, close the session and the loop, stop a launched server
-        (never a ``url`` one). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
-            except Exception as e:  # closing is cleanup: report and go on to the server
-                print(f"openai engine: closing the client failed: {type(e).__name__}: {e}", file=sys.stderr)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-            if not thread.is_alive():
-                loop.close()
-        if self._server is not None:
-            self._server.stop()
-
-    async def _shutdown(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
 
+    def _after_close(self) -> None:
+        """Stop a launched server (never a ``url`` one)."""
+        if self._server is not None:
+            self._server.stop()
+
     # -- serving --------------------------------------------------------------------------------
 
-    def submit(self, request: RequestSpec) -> None:
-        """Send one request (returns at once; its tokens come back through ``poll``)."""
-        if self._loop is None or self._closed:
-            raise RuntimeError("submit before load() or after close() of the openai engine")
-        self._loop.call_soon_threadsafe(self._start_request, request)
-
-    def _start_request(self, request: RequestSpec) -> None:
-        assert self._loop is not None
-        rid = request.rid
-        task = self._loop.create_task(self._run_request(request))
-        self._tasks[rid] = task
-        task.add_done_callback(functools.partial(self._forget, rid))
-
-    def _forget(self, rid: int, task: asyncio.Task[None]) -> None:
-        if self._tasks.get(rid) is task:
-            del self._tasks[rid]
-
-    def cancel(self, rids: list[int]) -> None:
-        """Stop these requests: their tasks are cancelled and their streams closed."""
-        if self._loop is not None and not self._closed:
-            self._loop.call_soon_threadsafe(self._cancel_tasks, list(rids))
-
-    def _cancel_tasks(self, rids: list[int]) -> None:
-        for rid in rids:
-            task = self._tasks.get(rid)
-            if task is not None:
-                task.cancel()
-
-    def poll(self, timeout_s: float) -> Progress:
-        """Events since the last poll, all with t_ns <= now_ns (later ones will have t_ns >
-        now_ns); waits up to ``timeout_s`` when there are none. Raises EngineFailed when the
-        launched server has died or stopped serving (module docstring)."""
+    def _before_poll(self) -> None:
+        """A launched server whose process has ended makes ``poll`` raise EngineFailed."""
         server = self._server
         if server is not None:
             t = time.monotonic_ns()
             if t - self._last_check_ns >= SERVER_CHECK_INTERVAL_NS:
                 self._last_check_ns = t
                 server.check_alive()
-        with self._cond:
-            if not self._events and not self._failed and timeout_s > 0:
-                self._cond.wait(timeout_s)
-            if not self._failed:
-                now = time.monotonic_ns()
-                events, self._events = self._events, []
-                return Progress(now, events)
-        assert server is not None  # _failed is only set for a launched server
+
+    def _engine_failed(self, reason: str) -> EngineFailed:
+        server = self._server
+        assert server is not None  # only a launched server is judged failed
         server.check_alive()  # it exited: say how
-        raise EngineFailed(
-            f"server `{server.command}` (pid {server.pid}) stopped serving mid-run ({self._fail_reason}): {server.last_words()}"
+        return EngineFailed(
+            f"server `{server.command}` (pid {server.pid}) stopped serving mid-run ({reason}): {server.last_words()}"
         )
-
-    def _emit(self, rid: int, n: int) -> None:
-        with self._cond:
-            self._events.append(Emission(time.monotonic_ns(), [rid], [n]))
-            self._cond.notify()
-
-    def _complete(self, rid: int, status: str, error: str | None = None, fields: dict[str, Any] | None = None) -> None:
-        with self._cond:
-            self._events.append(Completion(time.monotonic_ns(), rid, status, error, fields))
-            self._cond.notify()
 
     def _body_bytes(self, request: RequestSpec) -> bytes:
         body = dict(self._body)
-        body["prompt"] = request.prompt_ids
-        body["max_tokens"] = request.n_out
+        body.update(prompt=request.prompt_ids, max_tokens=request.n_out)
         if self.options.ignore_eos:
-            body["ignore_eos"] = True
-            body["min_tokens"] = request.n_out
+            body.update(ignore_eos=True, min_tokens=request.n_out)
         if self.options.extra_body:
-            body = _merge_body(body, self.options.extra_body)
-        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY, default=_numpy_default)
+            body = merge_body(body, self.options.extra_body)
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY, default=numpy_default)
 
-    async def _run_request(self, request: RequestSpec) -> None:
+    async def _serve(self, request: RequestSpec) -> None:
         rid = request.rid
         count = StreamCount()
         assert self._session is not None
@@ -395,31 +220,34 @@ class OpenAIEngine:
                 if resp.status != 200:
                     error = f"HTTP {resp.status}: {error_message(await resp.read())}"
                     if resp.status < 500 or not await self._server_failed(error):
-                        self._complete(rid, STATUS_ERROR, error)
+                        self._record(rid, status=STATUS_ERROR, error=error)
                     return
                 done = await self._read_stream(rid, resp.content, count)
         except asyncio.CancelledError:
             raise  # cancelled by the tenant, which logs it
         except TimeoutError:
-            self._complete(
+            self._record(
                 rid,
-                STATUS_ERROR,
-                f"no complete response within openai.request_timeout_s={self.options.request_timeout_s:g} s "
+                status=STATUS_ERROR,
+                error=f"no complete response within openai.request_timeout_s={self.options.request_timeout_s:g} s "
                 f"after {count.streamed} tokens",
             )
             return
         except StreamError as e:
             if not await self._server_failed(str(e)):
-                self._complete(rid, STATUS_ERROR, f"server error in the stream after {count.streamed} tokens: {e}")
+                error = f"server error in the stream after {count.streamed} tokens: {e}"
+                self._record(rid, status=STATUS_ERROR, error=error)
             return
         except (aiohttp.ClientError, OSError) as e:
             await self._connection_failed(rid, e, count)
             return
         except Exception as e:  # a chunk we cannot read: this request fails, the tenant goes on
-            self._complete(rid, STATUS_ERROR, f"unreadable response: {type(e).__name__}: {_one_line(str(e))}")
+            error = f"unreadable response: {type(e).__name__}: {one_line(str(e))}"
+            self._record(rid, status=STATUS_ERROR, error=error)
             return
         if not (done or count.finished or count.usage_tokens is not None):
-            self._complete(rid, STATUS_ERROR, f"stream ended after {count.streamed} tokens without a finish_reason or [DONE]")
+            error = f"stream ended after {count.streamed} tokens without a finish_reason or [DONE]"
+            self._record(rid, status=STATUS_ERROR, error=error)
             return
         fields: dict[str, Any] | None = None
         u = count.usage_tokens
@@ -427,7 +255,7 @@ class OpenAIEngine:
             fields = {DONE_USAGE_TOKENS: u}
             if u != count.streamed:
                 fields[DONE_WARNING] = f"server usage reports {u} tokens, the stream carried {count.streamed}"
-        self._complete(rid, STATUS_OK, fields=fields)
+        self._record(rid, status=STATUS_OK, fields=fields)
 
     async def _read_stream(self, rid: int, content: aiohttp.StreamReader, count: StreamCount) -> bool:
         """Turn SSE lines into emissions until ``data: [DONE]`` (True) or the end of the body (False)."""
@@ -442,16 +270,17 @@ class OpenAIEngine:
                 return True
             n = count.feed(orjson.loads(payload))
             if n > 0:
-                self._emit(rid, n)
+                self._record(rid, n)
             elif count.usage_tokens is not None and count.usage_tokens > count.streamed:
                 # The server generated tokens the chunks did not show (see the module docstring):
                 # they exist by now, so they are emitted now and n_out is the server's count.
-                self._emit(rid, count.usage_tokens - count.streamed)
+                self._record(rid, count.usage_tokens - count.streamed)
 
     async def _connection_failed(self, rid: int, e: BaseException, count: StreamCount) -> None:
-        what = f"{type(e).__name__}: {_one_line(str(e))}" if str(e) else type(e).__name__
+        what = f"{type(e).__name__}: {one_line(str(e))}" if str(e) else type(e).__name__
         if not await self._server_failed(what, dropped=True):
-            self._complete(rid, STATUS_ERROR, f"connection to {self.base_url} failed after {count.streamed} tokens ({what})")
+            error = f"connection to {self.base_url} failed after {count.streamed} tokens ({what})"
+            self._record(rid, status=STATUS_ERROR, error=error)
 
     async def _server_failed(self, what: str, dropped: bool = False) -> bool:
         """Whether a server-side failure of one request means the launched server can serve no
@@ -482,18 +311,14 @@ class OpenAIEngine:
                 reason = f"GET {path} failed ({type(e).__name__}) after: {what}"
         else:
             reason = what
-        with self._cond:
-            if not self._failed:
-                self._failed = True
-                self._fail_reason = reason
-            self._cond.notify()
+        self._fail(reason)
         return True
 
     # -- records --------------------------------------------------------------------------------
 
-    def device_info(self) -> dict[str, Any]:
+    def device_info(self) -> DeviceInfo:
         """The device the server's tenant sees (a probe process with the tenant's environment)."""
-        return probe.device_info(self.engine_device)
+        return probe_device_info(self.engine_device)
 
     def engine_info(self) -> dict[str, Any]:
         """What the manifest records about the server (the API key never appears)."""

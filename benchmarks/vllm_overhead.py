@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from multitenant.tenant import RequestLoop
+
 from multitenant.backends.vllm import VllmEngine
 from multitenant.events import EventWriter
-from multitenant.tenant import RequestLoop
 from multitenant.workload import RequestSource, RequestSpec
 
 

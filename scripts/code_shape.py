@@ -96,9 +96,7 @@ def subscripts(path: Path) -> int:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     n = 0
     for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
-            n += 1
-        elif (
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str) or (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
             and node.func.attr == "get"

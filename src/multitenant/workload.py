@@ -21,6 +21,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from multitenant.config.schema import ArrivalConfig, DatasetConfig

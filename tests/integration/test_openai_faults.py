@@ -19,8 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.event_checks import read_events
-from tests.event_checks import check_request_invariants
+from tests.event_checks import check_request_invariants, read_events
 from tests.integration.test_pair_tiny import mt_run
 
 pytestmark = pytest.mark.slow

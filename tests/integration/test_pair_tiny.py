@@ -14,8 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.event_checks import read_events
-from tests.event_checks import check_request_invariants
+from tests.event_checks import check_request_invariants, read_events
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,9 @@ import pytest
 from multitenant.backends.base import Completion, Emission, EngineFailed, Iteration, Progress
 from multitenant.config.schema import ArrivalConfig, DatasetConfig
 from multitenant.events import EventWriter
-from tests.event_checks import read_events
 from multitenant.run.tenant import RequestLoop, TenantStopped
 from multitenant.workload import RequestSource, RequestSpec
-from tests.event_checks import check_request_invariants
+from tests.event_checks import check_request_invariants, read_events
 
 
 class ScriptedEngine:

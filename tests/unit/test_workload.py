@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from multitenant.config.schema import ArrivalConfig, DatasetConfig
 from multitenant.workload import (
     NS_PER_S,
     RequestSource,
@@ -20,7 +21,7 @@ from multitenant.workload import (
 
 
 def test_poisson_mean_rate_and_exponential_gaps() -> None:
-    gaps = arrival_gaps_s({"kind": "poisson", "rate": 50.0, "seed": 7})
+    gaps = arrival_gaps_s(ArrivalConfig(**{"kind": "poisson", "rate": 50.0, "seed": 7}))
     sample = [next(gaps) for _ in range(20000)]
     mean = statistics.fmean(sample)
     # Mean gap 1/50 s; the standard error over 20k exponential samples is 0.7%: allow 3%.
@@ -31,7 +32,7 @@ def test_poisson_mean_rate_and_exponential_gaps() -> None:
 
 def test_gamma_burstiness_sets_the_coefficient_of_variation() -> None:
     for k in (0.25, 4.0):
-        gaps = arrival_gaps_s({"kind": "gamma", "rate": 10.0, "burstiness": k, "seed": 1})
+        gaps = arrival_gaps_s(ArrivalConfig(**{"kind": "gamma", "rate": 10.0, "burstiness": k, "seed": 1}))
         sample = [next(gaps) for _ in range(20000)]
         mean = statistics.fmean(sample)
         assert mean == pytest.approx(0.1, rel=0.05)
@@ -40,7 +41,7 @@ def test_gamma_burstiness_sets_the_coefficient_of_variation() -> None:
 
 def test_constant_schedule_is_exact_and_absolute() -> None:
     start = 123_000_000_000
-    times = open_loop_schedule({"kind": "constant", "rate": 3.0}, start, 301, None)
+    times = open_loop_schedule(ArrivalConfig(**{"kind": "constant", "rate": 3.0}), start, 301, None)
     assert times[0] == start
     # 300 gaps of 1/3 s: exactly 100 s later, no rounding drift.
     assert times[-1] == start + 100 * NS_PER_S
@@ -49,7 +50,7 @@ def test_constant_schedule_is_exact_and_absolute() -> None:
 
 def test_schedule_stops_at_end_time_and_is_monotone() -> None:
     start, end = 10 * NS_PER_S, 70 * NS_PER_S
-    times = open_loop_schedule({"kind": "poisson", "rate": 20.0, "seed": 3}, start, None, end)
+    times = open_loop_schedule(ArrivalConfig(**{"kind": "poisson", "rate": 20.0, "seed": 3}), start, None, end)
     assert all(start <= t < end for t in times)
     assert all(b >= a for a, b in zip(times, times[1:], strict=False))
     # 60 s at 20 req/s: 1200 expected, Poisson sd ~35.
@@ -57,17 +58,17 @@ def test_schedule_stops_at_end_time_and_is_monotone() -> None:
 
 
 def test_schedule_is_reproducible() -> None:
-    arr = {"kind": "gamma", "rate": 5.0, "burstiness": 0.5, "seed": 11}
+    arr = ArrivalConfig(kind="gamma", rate=5.0, burstiness=0.5, seed=11)
     assert open_loop_schedule(arr, 0, 100, None) == open_loop_schedule(arr, 0, 100, None)
 
 
 def test_schedule_needs_a_bound() -> None:
     with pytest.raises(ValueError):
-        open_loop_schedule({"kind": "poisson", "rate": 1.0}, 0, None, None)
+        open_loop_schedule(ArrivalConfig(**{"kind": "poisson", "rate": 1.0}), 0, None, None)
 
 
 def test_random_lengths_within_bounds() -> None:
-    ds = {"kind": "random", "input_len": 100, "output_len": 20, "range_ratio": 0.5, "seed": 0}
+    ds = DatasetConfig(**{"kind": "random", "input_len": 100, "output_len": 20, "range_ratio": 0.5, "seed": 0})
     src = RequestSource(ds, vocab_size=1000)
     reqs = [src.next() for _ in range(500)]
     assert [r.rid for r in reqs] == list(range(500))
@@ -82,7 +83,7 @@ def test_random_lengths_within_bounds() -> None:
 
 def test_prefetch_does_not_change_the_requests() -> None:
     """Block boundaries (prefetch sizes) never change which requests a seed gives."""
-    ds = {"kind": "random", "input_len": 64, "output_len": 8, "range_ratio": 0.5, "seed": 3}
+    ds = DatasetConfig(**{"kind": "random", "input_len": 64, "output_len": 8, "range_ratio": 0.5, "seed": 3})
     plain = RequestSource(ds, vocab_size=500)
     ahead = RequestSource(ds, vocab_size=500)
     ahead.prefetch(1000)
@@ -92,21 +93,21 @@ def test_prefetch_does_not_change_the_requests() -> None:
 
 
 def test_prefetch_builds_the_requests_ahead() -> None:
-    src = RequestSource({"kind": "random", "input_len": 16, "output_len": 4, "range_ratio": 0.0, "seed": 0}, 50)
+    src = RequestSource(DatasetConfig(**{"kind": "random", "input_len": 16, "output_len": 4, "range_ratio": 0.0, "seed": 0}), 50)
     src.prefetch(600)
     assert len(src._ready) >= 600
 
 
 def test_fixed_lengths() -> None:
     assert length_bounds(512, 0.0) == (512, 512)
-    src = RequestSource({"kind": "random", "input_len": 8, "output_len": 4, "range_ratio": 0.0, "seed": 0}, 50)
+    src = RequestSource(DatasetConfig(**{"kind": "random", "input_len": 8, "output_len": 4, "range_ratio": 0.0, "seed": 0}), 50)
     assert {(r.n_in, r.n_out) for r in (src.next() for _ in range(20))} == {(8, 4)}
 
 
 def test_jsonl_dataset(tmp_path: Path) -> None:
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"prompt_ids": [1, 2, 3]}) + "\n\n" + json.dumps({"prompt_ids": [4], "output_len": 7}) + "\n")
-    src = RequestSource({"kind": "jsonl", "path": str(p), "output_len": 5, "seed": 0}, vocab_size=10)
+    src = RequestSource(DatasetConfig(**{"kind": "jsonl", "path": str(p), "output_len": 5, "seed": 0}), vocab_size=10)
     got = [src.next() for _ in range(3)]
     assert [(r.prompt_ids.tolist(), r.n_out) for r in got] == [([1, 2, 3], 5), ([4], 7), ([1, 2, 3], 5)]
     assert src.max_lengths() == (3, 7)

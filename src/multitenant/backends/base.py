@@ -3,7 +3,7 @@
 The tenant process (``run/tenant.py``) owns arrivals, stop conditions and the event log; an
 engine owns batching and execution::
 
-    engine = backend.build(ctx)              # nothing loaded yet (ctx: EngineContext)
+    engine = factory(ctx)                    # the declaration's engine; nothing loaded yet
     engine.load()                            # model / engine / server up; timed as load_s
     engine.warmup()                          # compile, capture; then warm-up requests: warmup_s
     engine.submit(request)                   # at any time: the request enters the engine's queue
@@ -29,8 +29,7 @@ analysis read them for free.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -205,19 +204,6 @@ class Backend:
     secret_env: Callable[[Any], list[str]] = _none
     env: Callable[[Any, str], dict[str, str]] = _no_env
     identity: tuple[str, ...] = ()
-
-    def build(self, ctx: EngineContext) -> Engine:
-        """Import the engine factory and build the tenant's engine (tenant process only)."""
-        module, _, attr = self.engine.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-        engine: Engine = factory(ctx)
-        return engine
-
-    def options_from(self, values: Mapping[str, Any] | None) -> Any:
-        """The options dataclass from plain data (spec.json), None for a backend without options."""
-        if self.options is None:
-            return None
-        return self.options(**dict(values or {}))
 
     def identity_of(self, options: Any) -> dict[str, Any]:
         """The ``identity`` options that are set (unset ones are the engine's defaults)."""

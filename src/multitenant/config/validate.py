@@ -252,8 +252,6 @@ def _validate_tenant(name: str, t: TenantConfig, c: ExperimentConfig) -> Tenant:
     options = getattr(t, backend.name, None) if backend.options is not None else None
     if backend.validate is not None:
         backend.validate(TenantCheck(w, t, options, c.mode, tidx))
-    if t.task == "forward" and t.execution == "graphs":
-        raise fail(f"{w}.execution", "graphs is for generate tenants", "use execution=eager for task=forward")
     _positive(f"{w}.cpu_threads", t.cpu_threads, "thread count")
     cores = os.cpu_count() or 1
     if c.mode == "cpu" and t.cpu_threads > cores:

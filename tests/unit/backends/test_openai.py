@@ -46,18 +46,26 @@ def ctx(tmp_path: Path, **openai: Any) -> EngineContext:
     )
 
 
-def spec(tmp_path: Path, **openai: Any) -> dict[str, Any]:
-    """A tenant spec as the orchestrator writes it (plain data), for the tenant loop."""
-    tenant = dataclasses.asdict(TenantConfig(backend="openai", model=MODEL, dtype="float32"))
-    tenant["openai"] = dataclasses.asdict(OpenAIOptions(**{"health_timeout_s": 20.0, **openai}))
-    return {
-        "name": "t",
-        "tenant": tenant,
-        "engine_device": "cpu",
-        "max_input_len": 64,
-        "max_output_len": 32,
-        "events_path": str(tmp_path / "events.jsonl"),
-    }
+def spec(tmp_path: Path, **openai: Any) -> Any:
+    """A tenant spec as the orchestrator writes it, for the tenant loop."""
+    from multitenant.backends import BACKENDS
+    from multitenant.run.spec import TenantSpec, type_path
+
+    return TenantSpec(
+        name="t",
+        tenant=TenantConfig(backend="openai", model=MODEL, dtype="float32"),
+        engine=BACKENDS["openai"].engine,
+        options_type=type_path(OpenAIOptions),
+        options=dataclasses.asdict(OpenAIOptions(**{"health_timeout_s": 20.0, **openai})),
+        events_path=str(tmp_path / "events.jsonl"),
+        engine_device="cpu",
+        mode="cpu",
+        max_input_len=64,
+        max_output_len=32,
+        pinned_mem_limit_bytes=None,
+        gpu_total_memory_bytes=None,
+        window_timeout_s=60.0,
+    )
 
 
 @pytest.fixture
@@ -450,15 +458,14 @@ def test_close_is_idempotent_and_stops_the_launched_server(tmp_path, engines):
 
 @pytest.mark.timeout(90)
 def test_tenant_serves_through_the_openai_engine(tmp_path):
-    from multitenant.events import read_events
-    from multitenant.tenant import run_tenant
-    from tests.event_checks import check_request_invariants
+    from multitenant.run.tenant import run_tenant
+    from tests.event_checks import check_request_invariants, read_events
 
     s = spec(tmp_path, launch=launch("--token-delay-s 0.001"))
-    wl = s["tenant"]["workload"]
-    wl["dataset"].update(input_len=16, output_len=6)
-    wl["arrival"].update(kind="closed", concurrency=3)
-    wl.update(num_requests=9, warmup_requests=2)
+    wl = s.tenant.workload
+    wl.dataset.input_len, wl.dataset.output_len = 16, 6
+    wl.arrival.kind, wl.arrival.concurrency = "closed", 3
+    wl.num_requests, wl.warmup_requests = 9, 2
     code = run_tenant(s, None, threading.Event())
     events = read_events(tmp_path / "events.jsonl")
     assert code == 0, (tmp_path / "server.stderr.log").read_text()[-500:]

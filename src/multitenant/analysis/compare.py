@@ -7,8 +7,9 @@ is printed with ours, theirs and (ours - theirs) / theirs in %. AIPerf's metrics
 ``{"unit": "ms", "avg": .., "p50": .., "p99": .., "std": ..}``: ``time_to_first_token`` ->
 TTFT, ``inter_token_latency`` -> TPOT (AIPerf computes it per request as (latency - TTFT) /
 (output tokens - 1), which is vLLM's TPOT), ``request_latency`` -> E2E,
-``output_token_throughput``, ``request_throughput``, ``request_count`` (completed),
-``benchmark_duration``. docs/exports.md says which of ours each is compared with.
+``output_token_throughput``, ``request_throughput``, ``request_count`` (completed: AIPerf counts
+the requests that succeeded), ``error_request_count``, ``total_isl``, ``total_osl``,
+``benchmark_duration`` (each its ``avg``). docs/exports.md says which of ours each is compared with.
 
 A file that cannot be read or is neither format is an ``AnalysisError`` (exit 2, one line).
 """
@@ -44,8 +45,15 @@ FIELDS = COUNT_FIELDS + LATENCY_FIELDS
 # AIPerf metric tag -> vLLM's metric name (latencies) and AIPerf statistic -> vLLM's prefix.
 AIPERF_LATENCY = {"time_to_first_token": "ttft", "inter_token_latency": "tpot", "request_latency": "e2el"}
 AIPERF_STATS = {"avg": "mean", "p50": "median", "std": "std", "p90": "p90", "p95": "p95", "p99": "p99"}
-AIPERF_SCALARS = {"request_count": "completed", "benchmark_duration": "duration",
-                  "request_throughput": "request_throughput", "output_token_throughput": "output_throughput"}  # fmt: skip
+AIPERF_SCALARS = {
+    "request_count": "completed",
+    "error_request_count": "failed",
+    "benchmark_duration": "duration",
+    "total_isl": "total_input_tokens",
+    "total_osl": "total_output_tokens",
+    "request_throughput": "request_throughput",
+    "output_token_throughput": "output_throughput",
+}  # fmt: skip
 _TO_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "sec": 1e3, "seconds": 1e3}
 _TO_S = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "seconds": 1.0}
 

@@ -12,7 +12,9 @@ Stages, data flowing one way (each module one job; none imports a later stage):
    baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain).
 3. Outputs: ``report`` (terminal, summary.md, report.html), ``summary`` (summary.json as
    ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg) and ``trace``
-   (Chrome/Perfetto trace.json). Several runs also go through ``sweep`` (points, estimates over
+   (Chrome/Perfetto trace.json), ``export`` (``--export``: per tenant an llm-d Benchmark Report
+   or a ``vllm bench serve`` result) and ``compare`` (``--compare``: such a result file, or
+   AIPerf's, beside a tenant's figures). Several runs also go through ``sweep`` (points, estimates over
    trials from ``stats``, the best point under an SLO, rate limits) and ``sweep_cost`` (the
    measured share of wall time) to ``sweep_report`` (sweep.csv, sweep.json, terminal, report
    section) and ``sweep_plots``.

@@ -190,6 +190,7 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | list[RunMetric
         pool = solo if isinstance(solo, list) else [solo]
         solo_tms = [next(iter(s.tenants.values())) for s in pool]
         tm.baseline_run_dir = str(pool[0].run.run_dir)
+        tm.baseline_run_id = pool[0].run.run_id
         tm.baseline_trials = len(pool)
         tm.solo_throughput = _pooled_mean([t.throughput for t in solo_tms])
         if tm.np_definition == NP_E2E:

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from multitenant.analysis import compare, export
 from multitenant.analysis.baselines import apply_baselines, baseline_trials, choose_baseline, newest_first
 from multitenant.analysis.columns import AnalysisError, TenantLog
 from multitenant.analysis.discover import find_beside, find_run_dirs, tenant_names
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="plot file format")
     p.add_argument("--trace", action="store_true", help="also write trace.json (open in ui.perfetto.dev)")
+    p.add_argument(
+        "--export", action="append", choices=("br", "vllm-bench"), default=[], metavar="FORMAT",
+        help="also write each tenant as an llm-d Benchmark Report v0.2.1 (br) or a vllm bench serve result "
+        "(vllm-bench), under <out>/<FORMAT>/; repeatable (docs/exports.md)",
+    )  # fmt: skip
+    p.add_argument("--compare", metavar="FILE", help="a vllm bench serve or AIPerf result, printed beside ours")
+    p.add_argument("--compare-tenant", metavar="NAME", help="the tenant --compare is about (default: the only one)")
     return p
 
 
@@ -172,6 +180,11 @@ def analyse(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
     write_outputs(rms, out, args.format, args.trace, console, target=target, objective=args.objective)
+    if args.export:
+        labels = run_labels({rm.run.run_dir: list(rm.run.manifest.overrides or []) for rm in rms})
+        export.write_exports(rms, labels, out, args.export)
+    if args.compare:
+        compare.print_compare(rms, args.compare, args.compare_tenant)
     return 0
 
 

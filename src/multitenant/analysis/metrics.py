@@ -126,6 +126,7 @@ class TenantMetrics:
     colocated_e2e_mean_ms: float | None = None
     slowdown: dict[str, float | None] | None = None
     baseline_run_dir: str | None = None
+    baseline_run_id: str | None = None  # the solo run's manifest run_id (exports name it)
     baseline_trials: int | None = None  # solo runs pooled into the baseline (trials of one solo sweep)
     table: RequestTable | None = None
 

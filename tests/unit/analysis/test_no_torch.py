@@ -12,13 +12,16 @@ PROBE = """
 import sys
 import multitenant.analysis
 from multitenant.analysis import (
-    baselines, cli, columns, discover, load, metrics, names, parse, plots, report, requests, stats, summary,
-    sweep, sweep_cost, sweep_plots, sweep_report, tokblock, trace,
+    baselines, cli, columns, compare, discover, export, load, metrics, names, parse, plots, report, requests,
+    stats, summary, sweep, sweep_cost, sweep_plots, sweep_report, tokblock, trace,
 )
 from multitenant.analysis.load import load_run
 from multitenant.analysis.metrics import compute_run
 rm = compute_run(load_run(sys.argv[1]))
 assert rm.tenants
+for name in rm.tenants:
+    export.benchmark_report(rm, name, "pair")
+    export.vllm_bench_result(rm, name)
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'vllm'))
 print(','.join(heavy) or 'clean')
 """

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from multitenant.backends.hf.batching import check_batch, left_pad
+from multitenant.config.schema import DatasetConfig
 from multitenant.workload import RequestSource, length_bounds
 
 # --- before (commit 8948f72: workload.RequestSource.next, backend_hf.check_batch, left_pad)
@@ -109,7 +110,7 @@ def main() -> None:
     per_round = args.batches // args.rounds
     for rnd in range(args.rounds + 1):  # round 0 warms up both paths
         rng = random.Random(rnd)
-        source = RequestSource({**ds, "seed": rnd}, vocab_size=args.vocab)
+        source = RequestSource(DatasetConfig(**{**ds, "seed": rnd}), vocab_size=args.vocab)
         source.prefetch(per_round * args.batch)  # before ready, outside the measured path
         b = [admit_before(rng, ds, args.vocab, args.batch, max_in, max_out) for _ in range(per_round)]
         a = [admit_after(source, args.batch, max_in, max_out) for _ in range(per_round)]

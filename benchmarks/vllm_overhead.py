@@ -6,7 +6,7 @@ thread, engine core in a child process). Three variants serve the same closed-lo
 
 - ``bare``: a plain AsyncLLM client on the engine's own loop — ``--batch`` coroutines, each
   ``async for`` over ``generate()`` request after request, counting tokens; nothing else.
-- ``tenant``: ``multitenant.tenant.RequestLoop`` over the engine, writing every event
+- ``tenant``: ``multitenant.run.tenant.RequestLoop`` over the engine, writing every event
   (``sched``/``sent``/``tok``/``done``) through ``EventWriter`` to a file, as a run does.
 - ``tenant_no_events``: the same loop with a writer that drops every event (capture off).
 
@@ -33,10 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multitenant.tenant import RequestLoop
-
-from multitenant.backends.vllm import VllmEngine
+from multitenant.backends.base import EngineContext
+from multitenant.backends.vllm import VllmEngine, VllmOptions, build
+from multitenant.config.schema import ArrivalConfig, DatasetConfig, TenantConfig
 from multitenant.events import EventWriter
+from multitenant.run.tenant import RequestLoop
 from multitenant.workload import RequestSource, RequestSpec
 
 
@@ -53,15 +54,8 @@ class DroppingWriter:
         pass
 
 
-def dataset(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    return {
-        "kind": "random",
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "range_ratio": 0.0,
-        "path": None,
-        "seed": seed,
-    }
+def dataset(args: argparse.Namespace, seed: int) -> DatasetConfig:
+    return DatasetConfig(kind="random", input_len=args.input_len, output_len=args.output_len, range_ratio=0.0, seed=seed)
 
 
 def run_bare(engine: VllmEngine, requests: list[RequestSpec], batch: int) -> tuple[int, int]:
@@ -92,10 +86,10 @@ def run_tenant(engine: VllmEngine, source: RequestSource, n: int, batch: int, wr
     """The tenant's RequestLoop over the engine (closed loop); returns (tokens, elapsed ns)."""
     loop = RequestLoop(engine, writer, source, "generate", threading.Event(), None)
     t0 = time.monotonic_ns()
-    loop.serve({"kind": "closed", "concurrency": batch}, t0, None, n)
+    loop.serve(ArrivalConfig(kind="closed", concurrency=batch), t0, None, n)
     elapsed = time.monotonic_ns() - t0
     writer.flush()
-    return loop.counts["tokens"], elapsed
+    return loop.counts.tokens, elapsed
 
 
 def main() -> None:
@@ -117,24 +111,18 @@ def main() -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     tmp = Path(tempfile.mkdtemp(prefix="vllm_overhead_"))
-    options = {
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
-        "enable_prefix_caching": False,  # every variant computes its own prefill
-        "seed": 0,
-        "engine_args": {},
-    }
-    engine = VllmEngine(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        execution=args.execution,
-        max_batch=args.batch,
-        max_input_len=args.input_len,
-        max_output_len=args.output_len,
-        options=options,
-        tenant_dir=tmp,
+    options = VllmOptions(
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_prefix_caching=False,  # every variant computes its own prefill
     )
+    tenant = TenantConfig(backend="vllm", model=args.model, dtype=args.dtype, execution=args.execution, max_batch=args.batch)
+    engine = build(
+        EngineContext(
+            name="bench", tenant=tenant, options=options, device=args.device, tenant_dir=tmp,
+            max_input_len=args.input_len, max_output_len=args.output_len,
+        )
+    )  # fmt: skip
     t = time.monotonic()
     engine.load()
     load_s = time.monotonic() - t

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import psutil
 
-from multitenant.backends import Completion, Emission
-from multitenant.backends.openai import OpenAIEngine
-from multitenant.config import OpenAIOptions
+from multitenant.backends.base import Completion, Emission, EngineContext
+from multitenant.backends.openai import OpenAIOptions
+from multitenant.backends.openai.engine import OpenAIEngine, build
+from multitenant.config.schema import TenantConfig
 from multitenant.workload import RequestSpec
 
 LAUNCH = (
@@ -84,8 +85,11 @@ def main() -> int:
     def requests(base: int, n_in: int = 24) -> list[RequestSpec]:
         return [RequestSpec(base + i, rng.integers(3, 1000, n_in, dtype=np.int64), args.n_out) for i in range(args.concurrency)]
 
-    opts = OpenAIOptions(launch=LAUNCH, extra_body={"return_token_ids": True}, health_timeout_s=300)
-    launched = OpenAIEngine(opts, "synthetic:tiny-llama", "float32", args.device, tmp)
+    def engine(options: OpenAIOptions, folder: Path) -> OpenAIEngine:
+        tenant = TenantConfig(backend="openai", model="synthetic:tiny-llama", dtype="float32")
+        return build(EngineContext("check", tenant, options, args.device, folder, max_input_len=300, max_output_len=args.n_out))
+
+    launched = engine(OpenAIOptions(launch=LAUNCH, extra_body={"return_token_ids": True}, health_timeout_s=300), tmp)
     ok = True
     t = time.monotonic()
     try:
@@ -93,8 +97,7 @@ def main() -> int:
         print(f"server up in {time.monotonic() - t:.1f} s: {launched.engine_info()}")
         ok &= summarize("return_token_ids", drive(launched, requests(0)), args.n_out)
 
-        plain = OpenAIEngine(OpenAIOptions(url=launched.base_url + "/v1", health_timeout_s=10), "synthetic:tiny-llama",
-                             "float32", args.device, tmp / "url")
+        plain = engine(OpenAIOptions(url=launched.base_url + "/v1", health_timeout_s=10), tmp / "url")
         plain.load()
         try:
             summarize("no token ids (url)", drive(plain, requests(100)), args.n_out)

@@ -52,6 +52,7 @@ def fake_mps(monkeypatch: pytest.MonkeyPatch, mt_env: dict[str, str]) -> Iterato
     under the unix limit. Afterwards no fake MPS process may live."""
     from multitenant.run.mps import control as mps_control
     from multitenant.run.mps import env as mps_env
+    from multitenant.run.preflight import SKIP_ENV as SKIP_GPU_CHECK_ENV
     from tests.unit.test_mps import FAKE_DIR, _fake_processes
 
     tag = uuid.uuid4().hex
@@ -62,6 +63,8 @@ def fake_mps(monkeypatch: pytest.MonkeyPatch, mt_env: dict[str, str]) -> Iterato
     monkeypatch.setenv("FAKE_MPS_TAG", tag)
     monkeypatch.delenv("FAKE_MPS_WEDGE", raising=False)
     env = {**mt_env, **{k: os.environ[k] for k in ("PATH", mps_env.STATE_DIR_ENV, "FAKE_MPS_TAG")}}
+    # mode=mps on a machine without a GPU: the fake daemon stands in for the driver's.
+    env[SKIP_GPU_CHECK_ENV] = "1"
     env.pop(mps_control.CONTROL_BIN_ENV, None)
     env.pop("FAKE_MPS_WEDGE", None)
     yield env

@@ -61,15 +61,19 @@ BAD_VALUES = {
     "openai url": ([f"{T}.backend=openai", f"{T}.openai.url=ftp://x"], f"{T}.openai.url"),
     "unknown key added with +": ([f"+{W}.duraton_s=10"], f"{W}.duraton_s"),
     "rate on a closed loop": ([f"{W}.arrival.rate=4"], f"{W}.arrival.rate"),
+    "more threads than cores": ([f"{T}.cpu_threads=4096"], f"{T}.cpu_threads"),
+    "a tenant the experiment lacks": (["tenants.zz.max_batch=2"], "tenants.zz"),
     # Refused by Hydra while it composes the config; mt-run turns its message into one line.
     "wrong type": ([f"{T}.max_batch=abc"], f"{T}.max_batch"),
     "unknown key": ([f"{T}.no_such_key=1"], f"{T}.no_such_key"),
 }
 
 
-def refused(tmp_path: Path, env: dict[str, str], overrides: list[str]) -> tuple[int, str, list[str], Path]:
+def refused(
+    tmp_path: Path, env: dict[str, str], overrides: list[str], config: str = PAIR
+) -> tuple[int, str, list[str], Path]:
     run_dir = tmp_path / "run"
-    run = Watched(["--config-name", PAIR, f"hydra.run.dir={run_dir}", *overrides], env, tmp_path)
+    run = Watched(["--config-name", config, f"hydra.run.dir={run_dir}", *overrides], env, tmp_path)
     code, _, err = run.wait(60)
     return code, err, processes_left(run, None, tmp_path), run_dir
 
@@ -85,6 +89,22 @@ def test_bad_config_value_exits_2_with_one_line_naming_the_field(
     assert len(lines) == 1 and lines[0].startswith(f"mt-run: error: {field}: "), err
     assert not run_dir.exists(), "nothing was started, not even a run folder"
     assert left == []
+
+
+def test_a_gpu_experiment_without_a_gpu_exits_2_and_names_the_cpu_experiments(
+    tmp_path: Path, mt_env: dict[str, str], fault: Callable[..., None]
+) -> None:
+    from multitenant.run.preflight import gpu_problem
+
+    if gpu_problem(0) is None:
+        pytest.skip("this machine has a usable GPU")
+    code, err, left, run_dir = refused(tmp_path, mt_env, [], config="multitenant/pair_llama1b")
+    fault(processes_left=left, events_lost=0)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "pair_llama1b needs a GPU (mode=mps, device=cuda:0) but" in lines[0], err
+    assert "--config-name multitenant/pair_tiny" in lines[0]
+    assert not run_dir.exists() and left == []
 
 
 MALFORMED = {

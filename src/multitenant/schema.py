@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
@@ -86,25 +87,33 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: Any) -> T:
-    """An instance of the dataclass ``cls`` from plain JSON data: keys it does not know are
-    ignored (a newer writer), keys it lacks take their defaults (an older writer); nested
-    dataclass fields (also ``X | None`` and ``dict[str, X]``) are converted too."""
+    """An instance of the dataclass ``cls`` from plain JSON/YAML data: keys it does not know are
+    ignored (a newer writer), keys it lacks take their defaults (an older writer); fields typed as
+    a dataclass, ``X | None`` or ``dict[str, X]`` of one are converted too."""
     if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    nested: dict[str, Any] = getattr(cls, "_nested", {})
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        inner = nested.get(f.name)
-        if inner is not None and value is not None:
-            if isinstance(inner, tuple):  # ("dict", cls): a mapping of name -> record
-                value = {str(k): from_dict(inner[1], v) for k, v in value.items()}
-            else:
-                value = from_dict(inner, value)
-        kwargs[f.name] = value
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name])
     return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    """``value`` as the field type ``hint`` needs it (dataclasses built, the rest as it is)."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return from_dict(hint, value)
+    args = typing.get_args(hint)
+    inner = args[1] if typing.get_origin(hint) is dict and len(args) == 2 else None
+    if isinstance(inner, type) and dataclasses.is_dataclass(inner) and isinstance(value, dict):
+        return {str(k): from_dict(inner, v) for k, v in value.items()}
+    for arg in args:  # X | None
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type) and isinstance(value, dict):
+            return from_dict(arg, value)
+    return value
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -194,7 +203,6 @@ class MpsStop:
 class MpsRecord:
     """The MPS control daemon of a run (modes mps, mps_external)."""
 
-    _nested: ClassVar[dict[str, Any]] = {"stop": MpsStop}
 
     pipe_dir: str | None = None
     log_dir: str | None = None
@@ -245,15 +253,6 @@ class TenantRecord:
 @dataclass
 class Manifest:
     """``manifest.json``: what ran, where, how it ended, and the window."""
-
-    _nested: ClassVar[dict[str, Any]] = {
-        "host": HostInfo,
-        "gpu": GpuInfo,
-        "mps": MpsRecord,
-        "tenants": ("dict", TenantRecord),
-        "window": Window,
-        "activity": HostActivity,
-    }
 
     schema_version: int = MANIFEST_SCHEMA_VERSION
     run_id: str = ""
@@ -355,7 +354,6 @@ class ReadyMsg:
 class ProgressMsg:
     """Tenant -> orchestrator, every 0.5 s of its measured phase: counts so far at ``t``."""
 
-    _nested: ClassVar[dict[str, Any]] = {"counts": Counts}
     kind: ClassVar[str] = "progress"
     t: int
     counts: Counts = field(default_factory=Counts)
@@ -373,7 +371,6 @@ class ErrorMsg:
 class FinishedMsg:
     """Tenant -> orchestrator, last: how it ended and its counts over the measured phase."""
 
-    _nested: ClassVar[dict[str, Any]] = {"counts": Counts}
     kind: ClassVar[str] = "finished"
     status: str  # TenantStatus
     counts: Counts = field(default_factory=Counts)
@@ -487,7 +484,6 @@ class AggregateSummary:
 class RunSummary:
     """One run in summary.json."""
 
-    _nested: ClassVar[dict[str, Any]] = {"tenants": ("dict", TenantSummary), "aggregate": AggregateSummary}
 
     run_dir: str = ""
     run_id: str = ""
@@ -518,11 +514,3 @@ class Summary:
         out = from_dict(cls, {k: v for k, v in data.items() if k != "runs"})
         out.runs = [from_dict(RunSummary, run) for run in data.get("runs") or []]
         return out
-
-
-# The pre-redesign names, until every module uses the enums (removed in the same change).
-STATUS_OK, STATUS_ERROR, STATUS_CANCELLED = RequestStatus.OK, RequestStatus.ERROR, RequestStatus.CANCELLED
-REQUEST_STATUSES = RequestStatus.ALL
-TENANT_OK, TENANT_ERROR, TENANT_INTERRUPTED = TenantStatus.OK, TenantStatus.ERROR, TenantStatus.INTERRUPTED
-RUN_RUNNING, RUN_OK, RUN_FAILED, RUN_INTERRUPTED = RunStatus.RUNNING, RunStatus.OK, RunStatus.FAILED, RunStatus.INTERRUPTED
-RUN_STATUSES = RunStatus.ALL

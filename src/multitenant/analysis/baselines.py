@@ -49,25 +49,24 @@ def _set(block: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {str(k): v for k, v in items if v is not None and v != {}}
 
 
-def identity_options(tenant: Mapping[str, Any]) -> dict[str, Any]:
-    """The backend options of a config.resolved.yaml tenant block that belong to its identity: a
-    ``vllm`` tenant's whole ``vllm`` block (engine arguments), an ``openai`` tenant's
-    OPENAI_SPEC_KEYS of its ``openai`` block; nothing for other backends (``hf``), so run folders
-    written before these blocks existed still match."""
-    backend = tenant.get("backend")
+def identity_options(backend: str, block: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options of a tenant's backend block (config.resolved.yaml) that belong to its
+    identity, for runs written before the manifest recorded it: a ``vllm`` tenant's whole block
+    (engine arguments), an ``openai`` tenant's OPENAI_SPEC_KEYS; nothing for other backends
+    (``hf``), so run folders written before these blocks existed still match."""
     if backend == "vllm":
-        return _set(tenant.get("vllm"))
+        return _set(block)
     if backend == "openai":
-        return _set(tenant.get("openai"), OPENAI_SPEC_KEYS)
+        return _set(block, OPENAI_SPEC_KEYS)
     return {}
 
 
 def derived_identity(run: RunData, name: str) -> dict[str, Any] | None:
     """The tenant's baseline identity derived from config.resolved.yaml (None without one)."""
-    cfg = run.tenant_config(name)
-    if cfg is None:
+    block = run.written.get(name)
+    if block is None:
         return None
-    return baseline_identity(cfg, run.mode, identity_options(cfg))
+    return baseline_identity(block, run.mode, identity_options(str(block.get("backend")), run.backend_options(name)))
 
 
 def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
@@ -132,7 +131,7 @@ def baseline_trials(chosen: RunData, run: RunData, name: str, candidates: list[R
     solo sweep with ``trials`` > 1. Their mean is the baseline, so NP divides by the solo
     tenant's mean over trials, not by whichever trial ran last. Solo runs elsewhere (an older
     run beside it) are never pooled: the newest match stays the rule there."""
-    if int((chosen.config or {}).get("trials") or 1) <= 1:
+    if chosen.config is None or chosen.config.trials <= 1:
         return [chosen]
     folder = chosen.run_dir.resolve().parent
     pool = [chosen]
@@ -153,9 +152,8 @@ def _pooled_mean(values: list[float | None]) -> float | None:
 def np_definition(run: RunData, name: str) -> str:
     """NP_E2E for a tenant whose ``workload.arrival.kind`` is open loop (OPEN_LOOP_ARRIVALS),
     NP_THROUGHPUT otherwise (closed loop, or no config to tell)."""
-    cfg = run.tenant_config(name) or {}
-    arrival = (cfg.get("workload") or {}).get("arrival") or {}
-    return NP_E2E if isinstance(arrival, dict) and arrival.get("kind") in OPEN_LOOP_ARRIVALS else NP_THROUGHPUT
+    cfg = run.tenant_config(name)
+    return NP_E2E if cfg is not None and cfg.workload.arrival.kind in OPEN_LOOP_ARRIVALS else NP_THROUGHPUT
 
 
 def newest_first(runs: list[RunData]) -> list[RunData]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from multitenant.analysis import compare, export
 from multitenant.analysis.baselines import apply_baselines, baseline_trials, choose_baseline, newest_first
-from multitenant.analysis.columns import AnalysisError, TenantLog
-from multitenant.analysis.discover import find_beside, find_run_dirs, tenant_names
-from multitenant.analysis.load import RunData, load_runs, read_config, read_manifest
+from multitenant.analysis.columns import AnalysisError
+from multitenant.analysis.discover import find_beside, find_run_dirs
+from multitenant.analysis.load import RunData, load_runs, read_head
 from multitenant.analysis.metrics import RunMetrics, SloError, compute_run, parse_slo
 from multitenant.analysis.names import OBJECTIVES
 from multitenant.analysis.sweep import build_sweep, is_sweep, overrides_dict, short_key
@@ -58,14 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="FILE", help="a vllm bench serve or AIPerf result, printed beside ours")
     p.add_argument("--compare-tenant", metavar="NAME", help="the tenant --compare is about (default: the only one)")
     return p
-
-
-def _head(run_dir: Path) -> RunData:
-    """A run's manifest and config without its events (enough to match baselines)."""
-    manifest = read_manifest(run_dir)
-    config = read_config(run_dir)
-    tenants = {n: TenantLog(name=n, events_path=None) for n in tenant_names(run_dir, manifest, config)}
-    return RunData(run_dir, manifest, config, tenants, None)
 
 
 def default_out(paths: list[Path]) -> Path:
@@ -118,7 +110,7 @@ def analyse(args: argparse.Namespace) -> int:
         for d in find_run_dirs(path):
             if d.resolve() not in {r.resolve() for r in run_dirs}:
                 run_dirs.append(d)
-    heads = {d.resolve(): _head(d) for d in run_dirs}
+    heads = {d.resolve(): read_head(d) for d in run_dirs}
 
     # Baseline candidates in order of preference: --baseline, the PATHs, runs found beside.
     candidates: list[RunData] = []
@@ -130,7 +122,7 @@ def analyse(args: argparse.Namespace) -> int:
             seen.add(key)
             candidates.append(head)
 
-    explicit = [heads.get(d.resolve()) or _head(d) for path in args.baseline for d in find_run_dirs(path)]
+    explicit = [heads.get(d.resolve()) or read_head(d) for path in args.baseline for d in find_run_dirs(path)]
     for head in newest_first(explicit) + newest_first(list(heads.values())):
         add(head)
     if any(len(h.tenants) > 1 for h in heads.values()):
@@ -139,7 +131,7 @@ def analyse(args: argparse.Namespace) -> int:
             if d in seen:
                 continue
             try:
-                beside.append(_head(d))
+                beside.append(read_head(d))
             except AnalysisError:
                 continue  # a damaged neighbour is not this analysis's business
         for head in newest_first(beside):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from multitenant.analysis.columns import AnalysisError
+from multitenant.config.schema import ExperimentConfig
 from multitenant.schema import Manifest
 
 MANIFEST_NAME = "manifest.json"
@@ -43,10 +43,10 @@ def find_run_dirs(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(runs)
 
 
-def tenant_names(run_dir: Path, manifest: Manifest, config: dict[str, Any] | None) -> list[str]:
+def tenant_names(run_dir: Path, manifest: Manifest, config: ExperimentConfig | None) -> list[str]:
     """Config order first (it is the order ``split`` uses), then the manifest, then folders."""
     names: list[str] = []
-    for source in ((config or {}).get("tenants") or {}, manifest.tenants):
+    for source in (config.tenants if config is not None else {}, manifest.tenants):
         for name in source:
             if str(name) not in names:
                 names.append(str(name))

@@ -23,6 +23,7 @@ summary.json (``summary.run_record``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -80,18 +81,19 @@ def vllm_bench_result(rm: RunMetrics, name: str) -> dict[str, Any]:
     """The tenant as a ``vllm bench serve`` result (docs/exports.md); null where undefined."""
     ts = run_record(rm).tenants[name]
     run = rm.run
-    cfg = run.tenant_config(name) or {}
-    arrival = (cfg.get("workload") or {}).get("arrival") or {}
+    cfg = run.tenant_config(name)
+    arrival = cfg.workload.arrival if cfg is not None else None
+    closed = arrival is not None and not arrival.open_loop
     window_s = rm.window_s
     n_in, _ = _sample_lengths(rm, name)
     out: dict[str, Any] = {
         "date": _vllm_date(run.manifest.started_wall),
-        "backend": run.tenant_manifest(name).backend or cfg.get("backend"),
-        "model_id": run.tenant_manifest(name).model or cfg.get("model"),
+        "backend": run.tenant_manifest(name).backend or (cfg.backend if cfg else None),
+        "model_id": run.tenant_manifest(name).model or (cfg.model if cfg else None),
         "num_prompts": ts.requests,
-        "request_rate": arrival.get("rate") if arrival.get("kind") != "closed" else None,
-        "burstiness": arrival.get("burstiness"),
-        "max_concurrency": arrival.get("concurrency") if arrival.get("kind") == "closed" else None,
+        "request_rate": arrival.rate if arrival is not None and not closed else None,
+        "burstiness": arrival.burstiness if arrival is not None else None,
+        "max_concurrency": arrival.concurrency if arrival is not None and closed else None,
         "duration": window_s,
         "completed": ts.completed,
         "failed": ts.errors,
@@ -165,7 +167,8 @@ def _seq_len(length: int | None, range_ratio: float | None) -> dict[str, Any] | 
 def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]:
     run = rm.run
     rec = run.tenant_manifest(name)
-    cfg = run.tenant_config(name) or {}
+    typed = run.tenant_config(name)
+    cfg = dataclasses.asdict(typed) if typed is not None else {}
     backend = rec.backend or cfg.get("backend") or "unknown"
     packages = run.manifest.packages or {}
     engine_version = packages.get(BACKEND_PACKAGE.get(backend, backend)) or (rec.engine or {}).get(
@@ -173,7 +176,7 @@ def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]
     )
     own_version = packages.get("multitenant") or "unknown"
     on_gpu = run.mode != "cpu" and run.gpu_name is not None
-    backend_options = cfg.get(backend) if isinstance(cfg.get(backend), dict) else None
+    backend_options = run.backend_options(name)
     share = dict(rec.share or cfg.get("share") or {})
     share_fields = {
         "mode": run.mode,
@@ -228,9 +231,10 @@ def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]
 
 def _load(rm: RunMetrics, name: str, label: str) -> dict[str, Any] | None:
     run = rm.run
-    workload = (run.tenant_config(name) or {}).get("workload")
-    if not isinstance(workload, dict):
+    cfg = run.tenant_config(name)
+    if cfg is None:
         return None
+    workload = dataclasses.asdict(cfg.workload)
     dataset = workload.get("dataset") or {}
     arrival = workload.get("arrival") or {}
     input_len = _seq_len(dataset.get("input_len"), dataset.get("range_ratio"))

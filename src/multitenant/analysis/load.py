@@ -29,7 +29,8 @@ from multitenant.analysis.discover import (
     tenant_names,
 )
 from multitenant.analysis.parse import read_events, read_telemetry
-from multitenant.schema import MANIFEST_SCHEMA_VERSION, Manifest, TenantRecord
+from multitenant.config.schema import ExperimentConfig, TenantConfig
+from multitenant.schema import MANIFEST_SCHEMA_VERSION, Manifest, TenantRecord, from_dict
 
 # Several event files are parsed in worker processes when they are this big together and the
 # machine has PARALLEL_MIN_CORES cores: on 2 cores the transfer back and the contention with
@@ -46,10 +47,20 @@ class RunData:
 
     run_dir: Path
     manifest: Manifest
-    config: dict[str, Any] | None
+    config: ExperimentConfig | None  # config.resolved.yaml, typed (None: the run has none)
     tenants: dict[str, TenantLog]
     telemetry: Telemetry | None
     warnings: list[str] = field(default_factory=list)
+    # Each tenant's block of config.resolved.yaml as written: its backend's options block (the
+    # typed TenantConfig holds the fields every backend shares), and what an older writer left
+    # out, for runs whose manifest does not record the tenant's baseline identity.
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def backend_options(self, name: str) -> dict[str, Any] | None:
+        """The tenant's own backend options block as written (``tenants.<t>.vllm`` of a vllm one)."""
+        block = self.written.get(name) or {}
+        options = block.get(str(block.get("backend", "hf")))
+        return options if isinstance(options, dict) else None
 
     @property
     def run_id(self) -> str:
@@ -57,7 +68,7 @@ class RunData:
 
     @property
     def name(self) -> str:
-        return str(self.manifest.name or (self.config or {}).get("name") or self.run_dir.parent.name)
+        return str(self.manifest.name or (self.config.name if self.config else "") or self.run_dir.parent.name)
 
     @property
     def status(self) -> str:
@@ -65,7 +76,7 @@ class RunData:
 
     @property
     def mode(self) -> str | None:
-        mode = self.manifest.mode or (self.config or {}).get("mode")
+        mode = self.manifest.mode or (self.config.mode if self.config else None)
         return None if mode is None else str(mode)
 
     @property
@@ -73,12 +84,9 @@ class RunData:
         gpu = self.manifest.gpu
         return None if gpu is None else gpu.name
 
-    def tenant_config(self, name: str) -> dict[str, Any] | None:
-        """The tenant's block of ``config.resolved.yaml`` (None without a config)."""
-        if self.config is None:
-            return None
-        tenant = (self.config.get("tenants") or {}).get(name)
-        return tenant if isinstance(tenant, dict) else None
+    def tenant_config(self, name: str) -> TenantConfig | None:
+        """The tenant's block of ``config.resolved.yaml`` (None without a config or tenant)."""
+        return None if self.config is None else self.config.tenants.get(name)
 
     def tenant_manifest(self, name: str) -> TenantRecord:
         """The tenant's manifest record (an empty one when the manifest has none)."""
@@ -86,7 +94,8 @@ class RunData:
 
     def tenant_task(self, name: str) -> str:
         """``generate`` or ``forward``: from the config, else the manifest, else the events."""
-        task = (self.tenant_config(name) or {}).get("task") or self.tenant_manifest(name).task
+        cfg = self.tenant_config(name)
+        task = (cfg.task if cfg is not None else None) or self.tenant_manifest(name).task
         if task:
             return str(task)
         log = self.tenants.get(name)
@@ -125,8 +134,9 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise AnalysisError(f"{path} does not have the shape of a manifest ({e}); it is not one written by mt-run") from None
 
 
-def read_config(run_dir: Path) -> dict[str, Any] | None:
-    """``config.resolved.yaml`` as a plain dict, or None when the run has none."""
+def read_config(run_dir: Path) -> tuple[ExperimentConfig, dict[str, dict[str, Any]]] | None:
+    """``config.resolved.yaml`` typed (keys the schema lacks are ignored: older or newer
+    writers) and each tenant's block as written; None without the file."""
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         return None
@@ -138,13 +148,29 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
         raise AnalysisError(f"{path} is not valid YAML ({e}); restore the file or re-run the experiment") from None
     if not isinstance(loaded, dict):
         raise AnalysisError(f"{path} does not hold a mapping; it is not a config written by mt-run")
-    return {str(k): v for k, v in loaded.items()}
+    try:
+        config = from_dict(ExperimentConfig, {str(k): v for k, v in loaded.items()})
+    except (TypeError, AttributeError) as e:
+        raise AnalysisError(f"{path} does not have the shape of an experiment config ({e}); it is not one written by mt-run") from None
+    raw_tenants = loaded.get("tenants")
+    raw_tenants = raw_tenants if isinstance(raw_tenants, dict) else {}
+    return config, {str(name): block for name, block in raw_tenants.items() if isinstance(block, dict)}
 
 
 
 def _read_events_job(args: tuple[str, str, str]) -> TenantLog:
     path, name, label = args
     return read_events(Path(path), name, label)
+
+
+def read_head(run_dir: Path) -> RunData:
+    """A run's manifest and config, its tenants without their events (enough to match baselines)."""
+    manifest = read_manifest(run_dir)
+    config = read_config(run_dir)
+    typed, written = config if config is not None else (None, {})
+    names = tenant_names(run_dir, manifest, typed)
+    tenants = {n: TenantLog(name=n, events_path=None) for n in names}
+    return RunData(run_dir, manifest, typed, tenants, None, written=written)
 
 
 def load_runs(
@@ -157,40 +183,31 @@ def load_runs(
     ``parallel``: None = decide (worker processes when there is more than one events file,
     they exceed PARALLEL_MIN_BYTES together and the machine has PARALLEL_MIN_CORES cores).
     """
-    heads: list[tuple[Path, Manifest, dict[str, Any] | None, list[str]]] = []
-    jobs: list[tuple[str, str, str]] = []
-    for run_dir in run_dirs:
-        manifest = read_manifest(run_dir)
-        config = read_config(run_dir)
-        names = tenant_names(run_dir, manifest, config)
-        heads.append((run_dir, manifest, config, names))
-        for name in names:
-            path = run_dir / "tenants" / name / EVENTS_NAME
-            if path.is_file():
-                jobs.append((str(path), name, f"{run_dir.name}/tenants/{name}/{EVENTS_NAME}"))
+    heads = [read_head(run_dir) for run_dir in run_dirs]
+    jobs = [
+        (str(head.run_dir / "tenants" / name / EVENTS_NAME), name, f"{head.run_dir.name}/tenants/{name}/{EVENTS_NAME}")
+        for head in heads
+        for name in head.tenants
+        if (head.run_dir / "tenants" / name / EVENTS_NAME).is_file()
+    ]
     logs = _read_all(jobs, progress, parallel)
 
-    runs: list[RunData] = []
-    for run_dir, manifest, config, names in heads:
-        warnings: list[str] = []
-        tenants: dict[str, TenantLog] = {}
-        for name in names:
-            path = run_dir / "tenants" / name / EVENTS_NAME
+    for run in heads:
+        for name in run.tenants:
+            path = run.run_dir / "tenants" / name / EVENTS_NAME
             log = logs.get(str(path))
             if log is None:
                 log = TenantLog(name=name, events_path=None)
-                warnings.append(f"tenant {name}: no {EVENTS_NAME} in {run_dir / 'tenants' / name}; it logged nothing")
-            warnings.extend(log.warnings)
-            tenants[name] = log
-        if config is None:
-            warnings.append(f"no {CONFIG_NAME} in {run_dir}: solo baselines cannot be matched for this run")
-        telemetry = None
-        tpath = run_dir / TELEMETRY_NAME
+                run.warnings.append(f"tenant {name}: no {EVENTS_NAME} in {path.parent}; it logged nothing")
+            run.warnings.extend(log.warnings)
+            run.tenants[name] = log
+        if run.config is None:
+            run.warnings.append(f"no {CONFIG_NAME} in {run.run_dir}: solo baselines cannot be matched for this run")
+        tpath = run.run_dir / TELEMETRY_NAME
         if tpath.is_file():
-            telemetry = read_telemetry(tpath, f"{run_dir.name}/{TELEMETRY_NAME}")
-            warnings.extend(telemetry.warnings)
-        runs.append(RunData(run_dir, manifest, config, tenants, telemetry, warnings))
-    return runs
+            run.telemetry = read_telemetry(tpath, f"{run.run_dir.name}/{TELEMETRY_NAME}")
+            run.warnings.extend(run.telemetry.warnings)
+    return heads
 
 
 def load_run(run_dir: str | os.PathLike[str], parallel: bool | None = None) -> RunData:

@@ -6,6 +6,7 @@ read are ``summary``'s.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
 from collections.abc import Sequence
@@ -153,19 +154,22 @@ def setup_rows(rm: RunMetrics) -> list[list[str]]:
     run = rm.run
     rows: list[list[str]] = []
     for name in run.tenants:
-        cfg = run.tenant_config(name) or {}
+        cfg = run.tenant_config(name)
         man = run.tenant_manifest(name)
-        share = cfg.get("share") or man.share or {}
+        share = man.share or (dataclasses.asdict(cfg.share) if cfg else {})
         share_text = ", ".join(f"{k}={v}" for k, v in share.items() if v is not None) or "none"
         if name in run.manifest.tenants and man.share_applied is False:
             share_text += " (not applied)"
+        spec = {
+            key: (getattr(cfg, key) if cfg is not None else None) or getattr(man, key) or "?"
+            for key in ("model", "backend", "execution", "dtype", "max_batch")
+        }
         rows.append(
             [
                 name,
-                str(cfg.get("model") or man.model or "?"),
-                f"{cfg.get('backend') or man.backend or '?'} / {cfg.get('execution') or man.execution or '?'}"
-                f" / {cfg.get('dtype') or man.dtype or '?'}",
-                str(cfg.get("max_batch") or man.max_batch or "?"),
+                str(spec["model"]),
+                f"{spec['backend']} / {spec['execution']} / {spec['dtype']}",
+                str(spec["max_batch"]),
                 share_text,
                 fmt(man.effective_sms),
                 "–" if man.mps_attached is None else ("yes" if man.mps_attached else "NO"),

@@ -98,7 +98,7 @@ def run_overrides(rm: RunMetrics) -> dict[str, str]:
 
 def run_trial(rm: RunMetrics, overrides: dict[str, str]) -> int | None:
     """The run's trial index: ``trial`` of config.resolved.yaml, else its ``trial=K`` override."""
-    for value in ((rm.run.config or {}).get("trial"), overrides.get("trial")):
+    for value in (rm.run.config.trial if rm.run.config else None, overrides.get("trial")):
         try:
             if value is not None:
                 return int(value)

@@ -53,8 +53,7 @@ from multitenant.schema import (
     DONE_ENGINE_LAST_TOKEN,
     DONE_ENGINE_QUEUED,
     DONE_ENGINE_SCHEDULED,
-    STATUS_ERROR,
-    STATUS_OK,
+    RequestStatus,
 )
 from multitenant.workload import RequestSpec
 
@@ -390,7 +389,7 @@ class VllmEngine(StreamEngine):
                 # completion at the same instant as the last tokens.
                 n = len(out.outputs[0].token_ids)
                 if out.finished:
-                    self._record(rid, n, STATUS_OK, fields=engine_fields(out.metrics))
+                    self._record(rid, n, RequestStatus.OK, fields=engine_fields(out.metrics))
                 else:
                     self._record(rid, n)
         except asyncio.CancelledError:
@@ -398,7 +397,7 @@ class VllmEngine(StreamEngine):
         except EngineDeadError as e:
             self._fail(f"vLLM engine core died: {_one_line(e)}")
         except Exception as e:  # a request vLLM refuses (too long, bad ids): this request only
-            self._record(rid, status=STATUS_ERROR, error=_one_line(e))
+            self._record(rid, status=RequestStatus.ERROR, error=_one_line(e))
 
     def _after_poll(self, now_ns: int) -> str | None:
         """A dead engine core, looked at every HEALTH_CHECK_NS (no request may be running to notice)."""

@@ -68,7 +68,7 @@ from multitenant.backends.hf.graphs import (
     use_static_attention,
 )
 from multitenant.models import build_model
-from multitenant.schema import STATUS_OK
+from multitenant.schema import RequestStatus
 from multitenant.workload import RequestSpec
 
 EXECUTIONS = ("eager", "graphs")
@@ -419,7 +419,7 @@ class HFEngine:
         if idx:
             events.append(Emission(t, [batch[i].rid for i in idx], [1] * len(idx)))
             s = self._step  # steps done so far: request i is finished once n_out[i] == s
-            events.extend(Completion(t, batch[i].rid, STATUS_OK) for i in idx if batch[i].n_out == s)
+            events.extend(Completion(t, batch[i].rid, RequestStatus.OK) for i in idx if batch[i].n_out == s)
         if self._step >= self._steps:
             self._batch = []
         return Progress(t, events)
@@ -434,7 +434,7 @@ class HFEngine:
         self.forward_batch([r.prompt_ids for r in batch])
         t = time.monotonic_ns()
         events: list[Any] = [Iteration(t, len(batch), t - t_start)]
-        events.extend(Completion(t, r.rid, STATUS_OK) for r in batch)
+        events.extend(Completion(t, r.rid, RequestStatus.OK) for r in batch)
         return Progress(t, events)
 
     def cancel(self, rids: list[int]) -> None:

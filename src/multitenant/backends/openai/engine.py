@@ -48,7 +48,7 @@ from multitenant.backends.probe import device_info as probe_device_info
 from multitenant.backends.server import LaunchedServer, ServerError, http_get, wait_healthy
 from multitenant.backends.stream import StreamEngine
 from multitenant.models import SYNTHETIC_PREFIX, model_vocab_size, synthetic_model_dir
-from multitenant.schema import DONE_USAGE_TOKENS, DONE_WARNING, STATUS_ERROR, STATUS_OK
+from multitenant.schema import DONE_USAGE_TOKENS, DONE_WARNING, RequestStatus
 from multitenant.workload import RequestSpec
 
 SERVER_CHECK_INTERVAL_NS = 50_000_000  # poll checks the launched server's process this often
@@ -220,7 +220,7 @@ class OpenAIEngine(StreamEngine):
                 if resp.status != 200:
                     error = f"HTTP {resp.status}: {error_message(await resp.read())}"
                     if resp.status < 500 or not await self._server_failed(error):
-                        self._record(rid, status=STATUS_ERROR, error=error)
+                        self._record(rid, status=RequestStatus.ERROR, error=error)
                     return
                 done = await self._read_stream(rid, resp.content, count)
         except asyncio.CancelledError:
@@ -228,7 +228,7 @@ class OpenAIEngine(StreamEngine):
         except TimeoutError:
             self._record(
                 rid,
-                status=STATUS_ERROR,
+                status=RequestStatus.ERROR,
                 error=f"no complete response within openai.request_timeout_s={self.options.request_timeout_s:g} s "
                 f"after {count.streamed} tokens",
             )
@@ -236,18 +236,18 @@ class OpenAIEngine(StreamEngine):
         except StreamError as e:
             if not await self._server_failed(str(e)):
                 error = f"server error in the stream after {count.streamed} tokens: {e}"
-                self._record(rid, status=STATUS_ERROR, error=error)
+                self._record(rid, status=RequestStatus.ERROR, error=error)
             return
         except (aiohttp.ClientError, OSError) as e:
             await self._connection_failed(rid, e, count)
             return
         except Exception as e:  # a chunk we cannot read: this request fails, the tenant goes on
             error = f"unreadable response: {type(e).__name__}: {one_line(str(e))}"
-            self._record(rid, status=STATUS_ERROR, error=error)
+            self._record(rid, status=RequestStatus.ERROR, error=error)
             return
         if not (done or count.finished or count.usage_tokens is not None):
             error = f"stream ended after {count.streamed} tokens without a finish_reason or [DONE]"
-            self._record(rid, status=STATUS_ERROR, error=error)
+            self._record(rid, status=RequestStatus.ERROR, error=error)
             return
         fields: dict[str, Any] | None = None
         u = count.usage_tokens
@@ -255,7 +255,7 @@ class OpenAIEngine(StreamEngine):
             fields = {DONE_USAGE_TOKENS: u}
             if u != count.streamed:
                 fields[DONE_WARNING] = f"server usage reports {u} tokens, the stream carried {count.streamed}"
-        self._record(rid, status=STATUS_OK, fields=fields)
+        self._record(rid, status=RequestStatus.OK, fields=fields)
 
     async def _read_stream(self, rid: int, content: aiohttp.StreamReader, count: StreamCount) -> bool:
         """Turn SSE lines into emissions until ``data: [DONE]`` (True) or the end of the body (False)."""
@@ -280,7 +280,7 @@ class OpenAIEngine(StreamEngine):
         what = f"{type(e).__name__}: {one_line(str(e))}" if str(e) else type(e).__name__
         if not await self._server_failed(what, dropped=True):
             error = f"connection to {self.base_url} failed after {count.streamed} tokens ({what})"
-            self._record(rid, status=STATUS_ERROR, error=error)
+            self._record(rid, status=RequestStatus.ERROR, error=error)
 
     async def _server_failed(self, what: str, dropped: bool = False) -> bool:
         """Whether a server-side failure of one request means the launched server can serve no

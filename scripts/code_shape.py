@@ -39,7 +39,9 @@ LAYERS = [
     ("multitenant.progress", 4),
     ("multitenant.orchestrator", 4),
     ("multitenant.tenant", 4),
+    ("multitenant.cli_args", 5),
     ("multitenant.cli", 5),
+    ("multitenant.catalog", 1),
     ("multitenant", 0),
 ]
 

@@ -89,7 +89,7 @@ T = TypeVar("T")
 def from_dict(cls: type[T], data: Any) -> T:
     """An instance of the dataclass ``cls`` from plain JSON/YAML data: keys it does not know are
     ignored (a newer writer), keys it lacks take their defaults (an older writer); fields typed as
-    a dataclass, ``X | None`` or ``dict[str, X]`` of one are converted too."""
+    a dataclass, ``X | None``, ``list[X]`` or ``dict[str, X]`` of one are converted too."""
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -107,9 +107,11 @@ def _convert(hint: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return from_dict(hint, value)
     args = typing.get_args(hint)
-    inner = args[1] if typing.get_origin(hint) is dict and len(args) == 2 else None
-    if isinstance(inner, type) and dataclasses.is_dataclass(inner) and isinstance(value, dict):
-        return {str(k): from_dict(inner, v) for k, v in value.items()}
+    inner = args[-1] if typing.get_origin(hint) in (dict, list) and args else None
+    if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+        if isinstance(value, dict):
+            return {str(k): from_dict(inner, v) for k, v in value.items()}
+        return [from_dict(inner, v) for v in value]
     for arg in args:  # X | None
         if dataclasses.is_dataclass(arg) and isinstance(arg, type) and isinstance(value, dict):
             return from_dict(arg, value)
@@ -484,7 +486,6 @@ class AggregateSummary:
 class RunSummary:
     """One run in summary.json."""
 
-
     run_dir: str = ""
     run_id: str = ""
     status: str = RunStatus.OK
@@ -511,6 +512,4 @@ class Summary:
 
     @classmethod
     def from_json(cls, data: Any) -> Summary:
-        out = from_dict(cls, {k: v for k, v in data.items() if k != "runs"})
-        out.runs = [from_dict(RunSummary, run) for run in data.get("runs") or []]
-        return out
+        return from_dict(cls, data)

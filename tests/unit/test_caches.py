@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from multitenant.config.units import resolve_cache_dir
-from multitenant.run.orchestrator import CACHE_VARS, cache_env
+from multitenant.run.environment import CACHE_VARS, cache_env
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,6 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import yaml
 
 from multitenant.config.validate import Experiment, Tenant
 from multitenant.run import manifest as manifest_io
+from multitenant.run.environment import tenant_env
 from multitenant.run.host import gpu_info, host_fingerprint
 from multitenant.run.spec import TenantSpec, common_fields, type_path
 from multitenant.run.tenants import (
@@ -64,29 +64,12 @@ STOP_GRACE_S = 5.0  # after the stop command, before SIGTERM; then again before 
 # (run/mps/env.py says why), on the CPU the CPU.
 GPU_TENANT_DEVICE = "cuda:0"
 
-# The compile and graph caches a tenant fills during warm-up, each a sub-folder of cache_dir.
-CACHE_VARS = {
-    "TORCHINDUCTOR_CACHE_DIR": "inductor",  # Inductor's FX graph and kernel caches (hf graphs)
-    "TRITON_CACHE_DIR": "triton",  # compiled Triton kernels
-    "VLLM_CACHE_ROOT": "vllm",  # vLLM's torch.compile cache
-    "CUDA_CACHE_PATH": "cuda",  # the driver's PTX JIT cache
-}
-
-
 class Interrupted(Exception):
     """SIGTERM or SIGINT reached the orchestrator."""
 
 
 class RunFailed(Exception):
     """The experiment cannot go on; the message is the manifest's reason."""
-
-
-def cache_env(env: Mapping[str, str], cache_dir: Path) -> dict[str, str]:
-    """The cache variables to set for a tenant: under ``cache_dir``, except those the user's
-    environment already sets (kept). Persisting them makes a sweep's later points, and later
-    runs, find compiled kernels instead of compiling again (``warmup_s`` drops from minutes to
-    seconds for graphs tenants)."""
-    return {var: str(cache_dir / sub) for var, sub in CACHE_VARS.items() if not env.get(var)}
 
 
 class Orchestrator:
@@ -232,27 +215,6 @@ class Orchestrator:
 
     # -- tenants ---------------------------------------------------------------------------
 
-    def _tenant_env(self, tenant: Tenant) -> dict[str, str]:
-        if self.mode == "cpu":
-            env = dict(os.environ)
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            # The tenant's own thread count (its spec, so baselines compare like with like; a
-            # count derived from the number of tenants made solo and pair runs incomparable).
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(tenant.config.cpu_threads)
-        else:
-            from multitenant.run import mps
-
-            # mps: the daemon's GPU is the tenant's device 0 and the share is in CUDA_MPS_*;
-            # timeslice: CUDA_VISIBLE_DEVICES=<GPU> and a pipe dir no daemon listens on.
-            pipe = self.daemon.pipe_dir if self.daemon is not None else None
-            logs = self.daemon.log_dir if self.daemon is not None else None
-            env = mps.child_env(os.environ, mps.tenant_env(tenant.config.share, tenant.device_index or 0, pipe, logs))
-        for key, value in tenant.backend.env(tenant.options, self.mode).items():
-            env.setdefault(key, value)  # the user's own setting wins
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(cache_env(env, self.experiment.cache_dir))
-        return env
-
     def _start_tenants(self) -> None:
         """Spawn the tenants and wait until all are ready; those that load alone one at a time."""
         for tenant in self.experiment.tenants.values():
@@ -283,7 +245,9 @@ class Orchestrator:
             # Tenants that load one after another wait longer for the window.
             window_timeout_s=self.config.ready_timeout_s * len(self.experiment.tenants) + 60,
         )
-        tp = spawn(spec, tenant, tdir, self._tenant_env(tenant))
+        pipe, logs = (self.daemon.pipe_dir, self.daemon.log_dir) if self.daemon is not None else (None, None)
+        env = tenant_env(tenant, self.mode, self.experiment.cache_dir, pipe, logs)
+        tp = spawn(spec, tenant, tdir, env)
         self.tenants[tenant.name] = tp
         self.selector.register(tp.msg_fd, selectors.EVENT_READ, tp)
         self.manifest.tenants[tenant.name].pid = tp.popen.pid

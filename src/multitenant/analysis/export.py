@@ -39,6 +39,7 @@ from multitenant.analysis.summary import clean, run_record
 from multitenant.schema import TenantSummary
 
 EXPORT_FORMATS = ("br", "vllm-bench")
+SHARE_FIELDS = ("active_thread_pct", "pinned_mem_limit", "priority")  # config.schema.ShareConfig
 BR_VERSION = "0.2.1"
 # The extension block's key under results.observability (ad-hoc keys are allowed there).
 COLOCATION_KEY = "multitenant_colocation"
@@ -169,7 +170,7 @@ def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]
     rec = run.tenant_manifest(name)
     typed = run.tenant_config(name)
     cfg = dataclasses.asdict(typed) if typed is not None else {}
-    backend = rec.backend or cfg.get("backend") or "unknown"
+    backend = rec.backend or (typed.backend if typed else None) or "unknown"
     packages = run.manifest.packages or {}
     engine_version = packages.get(BACKEND_PACKAGE.get(backend, backend)) or (rec.engine or {}).get(
         "server_version"
@@ -177,12 +178,10 @@ def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]
     own_version = packages.get("multitenant") or "unknown"
     on_gpu = run.mode != "cpu" and run.gpu_name is not None
     backend_options = run.backend_options(name)
-    share = dict(rec.share or cfg.get("share") or {})
+    share = dict(rec.share or (dataclasses.asdict(typed.share) if typed else {}))
     share_fields = {
         "mode": run.mode,
-        "active_thread_pct": share.get("active_thread_pct"),
-        "pinned_mem_limit": share.get("pinned_mem_limit"),
-        "priority": share.get("priority"),
+        **{key: share.get(key) for key in SHARE_FIELDS},
         "share_applied": rec.share_applied,
         "effective_sms": rec.effective_sms,
         "gpu_sm_count": run.manifest.gpu.sm_count if run.manifest.gpu is not None else None,
@@ -202,7 +201,7 @@ def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]
                 "tool_version": str(engine_version or "unknown"),
                 "role": "replica",
                 "replicas": 1,
-                "model": {"name": str(rec.model or cfg.get("model") or "unknown")},
+                "model": {"name": str(rec.model or (typed.model if typed else None) or "unknown")},
                 "accelerator": {
                     "model": run.gpu_name if on_gpu else "cpu",
                     "count": 1 if on_gpu else 0,
@@ -235,26 +234,25 @@ def _load(rm: RunMetrics, name: str, label: str) -> dict[str, Any] | None:
     if cfg is None:
         return None
     workload = dataclasses.asdict(cfg.workload)
-    dataset = workload.get("dataset") or {}
-    arrival = workload.get("arrival") or {}
-    input_len = _seq_len(dataset.get("input_len"), dataset.get("range_ratio"))
+    dataset, arrival = cfg.workload.dataset, cfg.workload.arrival
+    input_len = _seq_len(dataset.input_len, dataset.range_ratio)
     if input_len is None:
         return None
     standardized: dict[str, Any] = {
         "tool": "multitenant",
         "tool_version": (run.manifest.packages or {}).get("multitenant") or "unknown",
-        "source": "random" if dataset.get("kind") == "random" else "sampled",
+        "source": "random" if dataset.kind == "random" else "sampled",
         "input_seq_len": input_len,
-        "output_seq_len": _seq_len(dataset.get("output_len"), dataset.get("range_ratio")),
+        "output_seq_len": _seq_len(dataset.output_len, dataset.range_ratio),
     }
-    if arrival.get("kind") == "closed" and arrival.get("concurrency"):
-        standardized["concurrency"] = int(arrival["concurrency"])
-    elif arrival.get("rate"):
-        standardized["rate_qps"] = float(arrival["rate"])
+    if not arrival.open_loop and arrival.concurrency:
+        standardized["concurrency"] = int(arrival.concurrency)
+    elif arrival.rate:
+        standardized["rate_qps"] = float(arrival.rate)
     metadata: dict[str, Any] = {
         "schema_version": "0.0.1",
         "cfg_id": _hash(workload),
-        "description": f"{arrival.get('kind')} arrivals, {dataset.get('kind')} dataset",
+        "description": f"{arrival.kind} arrivals, {dataset.kind} dataset",
         "treatment": name,
         "treatment_group": label,
     }

@@ -160,16 +160,16 @@ def setup_rows(rm: RunMetrics) -> list[list[str]]:
         share_text = ", ".join(f"{k}={v}" for k, v in share.items() if v is not None) or "none"
         if name in run.manifest.tenants and man.share_applied is False:
             share_text += " (not applied)"
-        spec = {
-            key: (getattr(cfg, key) if cfg is not None else None) or getattr(man, key) or "?"
+        model, backend, execution, dtype, max_batch = (
+            (getattr(cfg, key) if cfg is not None else None) or getattr(man, key) or "?"
             for key in ("model", "backend", "execution", "dtype", "max_batch")
-        }
+        )
         rows.append(
             [
                 name,
-                str(spec["model"]),
-                f"{spec['backend']} / {spec['execution']} / {spec['dtype']}",
-                str(spec["max_batch"]),
+                str(model),
+                f"{backend} / {execution} / {dtype}",
+                str(max_batch),
                 share_text,
                 fmt(man.effective_sms),
                 "–" if man.mps_attached is None else ("yes" if man.mps_attached else "NO"),

@@ -10,6 +10,7 @@ interrupted one stops the sweep.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -75,6 +76,10 @@ def _remove_empty_run_dir(run_dir: Path) -> None:
         leftovers = {p.name for p in run_dir.iterdir()}
         if leftovers <= {".hydra", "cli.log", "mt-run.log"}:
             shutil.rmtree(run_dir, ignore_errors=True)
+            # Hydra made <output_root>/<name>/ for it too: gone as well if nothing else is there.
+            for parent in (run_dir.parent, run_dir.parent.parent):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def run_experiment_task(cfg: Any) -> int:

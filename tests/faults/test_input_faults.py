@@ -107,6 +107,21 @@ def test_a_gpu_experiment_without_a_gpu_exits_2_and_names_the_cpu_experiments(
     assert not run_dir.exists() and left == []
 
 
+def test_printing_a_config_that_would_not_run_exits_2(
+    tmp_path: Path, mt_env: dict[str, str], fault: Callable[..., None]
+) -> None:
+    # --cfg job prints the composed config and runs nothing; it still says the config is bad.
+    code, err, left, run_dir = refused(tmp_path, mt_env, [f"{T}.max_batch=0", "--cfg", "job"])
+    fault(processes_left=left, events_lost=0)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert lines == [
+        "mt-run: error: the config printed above would not run: tenants.a.max_batch: must be >= 1 (got 0); "
+        "set a positive batch limit"
+    ], err
+    assert not run_dir.exists() and left == []
+
+
 MALFORMED = {
     "not JSON": (b'{"prompt_ids": [1, 2, 3], "output_len": 4}\n{"prompt_ids": [1, 2\n', ":2: not JSON"),
     "empty": (b"", "no requests in the file"),

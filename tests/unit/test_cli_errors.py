@@ -54,3 +54,23 @@ def test_unknown_key_names_the_closest():
 )
 def test_missing_config_and_unparsable_override(exc, expected):
     assert hydra_error_line(exc, Path("/c")) == expected
+
+
+def test_mt_run_alone_says_what_each_experiment_needs() -> None:
+    from multitenant.cli_args import usage
+    from tests.conftest import CONFIGS
+
+    lines = {line.split()[0]: line for line in usage(CONFIGS).splitlines() if line.startswith("  ")}
+    assert lines["solo/tiny_llama"].endswith("runs on a CPU")
+    assert lines["multitenant/pair_tiny"].endswith("runs on a CPU")
+    assert lines["multitenant/pair_llama1b"].endswith("needs GPU")
+    assert lines["multitenant/pair_vllm_llama1b"].endswith("needs GPU, vLLM")
+    assert lines["multitenant/pair_openai_tiny"].endswith("needs vLLM"), "a launched vLLM server needs the vLLM stack"
+
+
+def test_likely_mistakes_are_warned_at_start() -> None:
+    from tests.conftest import compose_plain, validate_plain
+
+    fp16 = validate_plain(compose_plain("multitenant/pair_tiny", ["tenants.a.dtype=float16"]))
+    assert any("tenants.a.dtype=float16 on the CPU" in w for w in fp16.warnings), fp16.warnings
+    assert validate_plain(compose_plain("multitenant/pair_tiny")).warnings == []

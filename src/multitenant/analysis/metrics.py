@@ -117,6 +117,9 @@ class TenantMetrics:
     # request of the tenant has engine timestamps.
     ttft_split: dict[str, Any] | None = None
     slo_attainment: float | None = None
+    # The counts behind slo_attainment (good / judged), kept so sweeps compare means exactly.
+    slo_good: int | None = None
+    slo_judged: int | None = None
     goodput_req_s: float | None = None
     np: float | None = None
     np_definition: str | None = None  # NP_THROUGHPUT or NP_E2E; None in a run without interference figures
@@ -319,6 +322,7 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
             slo_ok[judged] = good[judged]
             cols["slo_ok"] = slo_ok
             tm.slo_attainment = n_good / n_judged if n_judged else None
+            tm.slo_good, tm.slo_judged = n_good, n_judged
             tm.goodput_req_s = n_good / ((window[1] - window[0]) / NS_PER_S)
         tenants[name] = tm
 

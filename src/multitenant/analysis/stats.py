@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -110,3 +111,17 @@ def estimate(values: Sequence[float | None], confidence: float = CONFIDENCE) -> 
     std = float(x.std(ddof=1))
     half = t_quantile(n - 1, confidence) * std / math.sqrt(n)
     return Estimate(n, mean, std, mean - half, mean + half)
+
+
+def mean_fraction(values: Sequence[Fraction | None]) -> Fraction | None:
+    """The exact mean of the defined ``values`` (None when none is): SLO attainments are ratios of
+    counts, and their mean in floating point can land one ulp below a target it equals
+    ((17/20 + 19/20) / 2 = 0.8999999999999999)."""
+    known = [v for v in values if v is not None]
+    return sum(known, Fraction(0)) / len(known) if known else None
+
+
+def at_least(value: Fraction | None, target: float) -> bool:
+    """``value >= target``, exactly, with ``target`` read as the decimal it was written as
+    (``repr``: 0.9 is 9/10, not the binary double just above it); None never meets it."""
+    return value is not None and value >= Fraction(repr(target))

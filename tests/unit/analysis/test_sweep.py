@@ -263,3 +263,30 @@ def test_the_same_run_copied_into_two_folders_counts_once(tmp_path: Path) -> Non
     result = sweep_of(sweep, tmp_path / "copy")
     assert [p.n_trials for p in result.points] == [1, 1]
     assert sum("are the same run" in w for w in result.warnings) == 2, result.warnings
+
+
+# --- a mean exactly at the target (issue 16, item 1) ----------------------------------------
+
+
+def test_a_mean_exactly_at_the_target_is_feasible_and_stored_exactly(tmp_path: Path) -> None:
+    sweep = sweep_dir(tmp_path)
+    # 90/10: b attains 100, 100, 80, 80 % over four trials: exactly 90 %, though numpy's mean of
+    # the floats is 0.8999999999999999. 70/30 meets the target with fewer tokens.
+    for trial, slow in enumerate((0, 0, 2, 2)):
+        job(sweep, f"job{trial}", ["split=90/10"], {"a": (5, 0), "b": (3, slow)}, trial=trial)
+        job(sweep, f"job{4 + trial}", ["split=70/30"], {"a": (3, 0), "b": (3, 0)}, trial=trial)
+    result = sweep_of(sweep, slo=SLO)
+    at_target = point(result, split="90/10")
+    assert at_target.get("b", "slo_attainment").mean == 0.9
+    assert at_target.feasible is True
+    assert result.best is not None and result.best.point.values == ("90/10",)
+
+
+def test_a_rate_whose_mean_attainment_equals_the_target_is_sustained(tmp_path: Path) -> None:
+    sweep = sweep_dir(tmp_path)
+    key = "tenants.b.workload.arrival.rate"
+    for trial, slow in enumerate((0, 0, 2, 2)):
+        job(sweep, f"job{trial}", [f"{key}=2"], {"b": (3, 0)}, trial=trial)
+        job(sweep, f"job{4 + trial}", [f"{key}=4"], {"b": (3, slow)}, trial=trial)
+    limits = {r.tenant: r.max_rate for r in sweep_of(sweep, slo=SLO).rate_limits}
+    assert limits == {"b": 4.0}

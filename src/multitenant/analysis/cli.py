@@ -1,6 +1,6 @@
 """``mt-analyze``: experiment folders -> metrics, tables, plots, a report and (optionally) a trace.
 
-    mt-analyze PATH [PATH ...] [--baseline PATH ...] [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
+    mt-analyze PATH [PATH ...] [--baseline PATH]... [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
                [--slo-target 0.9] [--objective throughput|goodput] [--format png|svg|pdf] [--trace]
 
 PATH is a run folder, a sweep folder, or any folder that contains run folders (found by their
@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Metrics, plots, a one-page report and a trace from mt-run experiment folders.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folder, sweep folder, or a folder of runs")
-    p.add_argument("--baseline", nargs="+", default=[], metavar="PATH", help="solo runs to normalise against")
+    # One PATH per --baseline (repeat the flag for more), so `--baseline SOLO RUN` leaves RUN a
+    # PATH to analyse; nargs="+" ate RUN, and a second flag replaced the first.
+    p.add_argument(
+        "--baseline", action="append", default=[], metavar="PATH",
+        help="a solo run (or a folder of them) to normalise against; one PATH per --baseline, repeat "
+        "the flag for more (--baseline S1 --baseline S2); it may come before or after the PATHs",
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="output folder (default: plots/<run or sweep name>)")
     p.add_argument("--slo", metavar="SPEC", help="SLO bounds, e.g. ttft=200ms,tpot=50ms,e2e=10s")
     p.add_argument(
@@ -268,7 +274,8 @@ def write_outputs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Intermixed: PATHs may come before, between and after the options (`--baseline S RUN`).
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return analyse(args)
     except (AnalysisError, SloError) as e:

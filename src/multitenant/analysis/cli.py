@@ -18,7 +18,13 @@ import os
 import sys
 from pathlib import Path
 
-from multitenant.analysis.baselines import apply_baselines, baseline_trials, choose_baseline, newest_first
+from multitenant.analysis.baselines import (
+    apply_baselines,
+    baseline_trials,
+    choose_baseline,
+    nearest_solo,
+    newest_first,
+)
 from multitenant.analysis.columns import AnalysisError, TenantLog
 from multitenant.analysis.discover import find_beside, find_run_dirs, tenant_names
 from multitenant.analysis.load import RunData, load_runs, read_config, read_manifest
@@ -144,15 +150,18 @@ def analyse(args: argparse.Namespace) -> int:
             add(head)
 
     choice: dict[Path, dict[str, list[RunData] | None]] = {}
+    nearest: dict[Path, dict[str, str | None]] = {}
     needed: dict[Path, Path] = {}
     for key, head in heads.items():
-        choice[key] = {}
+        choice[key], nearest[key] = {}, {}
         if len(head.tenants) < 2:
             continue
         for name in head.tenants:
             solo = choose_baseline(head, name, candidates)
             pool = baseline_trials(solo, head, name, candidates) if solo is not None else None
             choice[key][name] = pool
+            if solo is None:
+                nearest[key][name] = nearest_solo(head, name, candidates)
             for s in pool or []:
                 needed[s.run_dir.resolve()] = s.run_dir
 
@@ -174,7 +183,7 @@ def analyse(args: argparse.Namespace) -> int:
             name: ([metrics[s.run_dir.resolve()] for s in pool] if pool is not None else None)
             for name, pool in choice[key].items()
         }
-        apply_baselines(rm, solos)
+        apply_baselines(rm, solos, nearest[key])
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
     write_outputs(rms, out, args.format, args.trace, console, target=target, objective=args.objective)

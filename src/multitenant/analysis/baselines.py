@@ -30,7 +30,7 @@ import numpy as np
 
 from multitenant.analysis.load import RunData
 from multitenant.analysis.metrics import RunMetrics, TenantMetrics
-from multitenant.analysis.names import NP_E2E, NP_THROUGHPUT, SLOWDOWN_KEYS
+from multitenant.analysis.names import NP_E2E, NP_SUSPECT, NP_THROUGHPUT, SLOWDOWN_KEYS
 from multitenant.schema import RunStatus, baseline_identity, comparable_identity
 
 # Arrival processes whose schedule does not wait for the engine (config.ARRIVALS less "closed").
@@ -257,6 +257,11 @@ def apply_baselines(
                 rm.warnings.append(_e2e_np_warning(name, tm))
         else:
             tm.np = _ratio(tm.throughput, tm.solo_throughput)
+        if tm.np is not None and tm.np > NP_SUSPECT:
+            rm.warnings.append(
+                f"tenant {name}: NP {tm.np:.2f} > {NP_SUSPECT:.2f}: co-located faster than solo: "
+                "noise, or a baseline that does not match"
+            )
         tm.slowdown = {
             key: _ratio(tm.latency[metric][stat], _pooled_mean([t.latency[metric][stat] for t in solo_tms]))
             for key, metric, stat in SLOWDOWN_KEYS

@@ -48,6 +48,7 @@ import numpy as np
 from multitenant.analysis.metrics import RunMetrics, TenantMetrics
 from multitenant.analysis.names import (
     HEADLINE_LATENCY,
+    METRIC_BOUNDS,
     OBJECTIVE_METRIC,
     OBJECTIVES,
     RUN_LEVEL,
@@ -359,7 +360,8 @@ def build_sweep(
     for point in points:
         point.tenants = [t for t in tenants if any(t in sr.rm.tenants for sr in point.runs + point.excluded)]
         for row in rows:
-            point.estimates[row] = estimate([values_by_run[id(sr)].get(row) for sr in point.runs])
+            trial_values = [values_by_run[id(sr)].get(row) for sr in point.runs]
+            point.estimates[row] = estimate(trial_values, bounds=METRIC_BOUNDS.get(row[1], (None, None)))
         for t in point.tenants:
             exact = mean_fraction([exact_attainment(sr.rm.tenants.get(t)) for sr in point.runs])
             point.attainment[t] = exact

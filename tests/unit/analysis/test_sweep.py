@@ -101,13 +101,15 @@ def test_csv_rows_hold_the_axes_tenant_metric_and_interval(tmp_path: Path) -> No
     for i, (split, n) in enumerate((("70/30", 3), ("70/30", 5), ("50/50", 1))):
         job(sweep, f"job{i}", [f"split={split}"], {"a": (n, 0), "b": (1, 0)}, trial=i // 2)
     header, rows = csv_rows(sweep_of(sweep))
-    assert header == ["split", "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high"]
+    assert header == ["split", "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high", "note"]
     by = {(r[0], r[1], r[2]): r for r in rows}
-    # 70/30: a at 20 and 30 tok/s: mean 25, s = 7.0711, half = t_{0.975,1} * s / sqrt(2) = 12.7062 * 5 = 63.53
+    # 70/30: a at 20 and 30 tok/s: mean 25, s = 7.0711, half = t_{0.975,1} * s / sqrt(2) = 12.7062 * 5 = 63.53;
+    # the low end, 25 - 63.53, is below any throughput: clipped at 0.
     r = by[("70/30", "a", "throughput_tok_s")]
-    assert r[3:6] == [2, 25.0, pytest.approx(math.sqrt(50))] and r[6] == pytest.approx(25 - 63.531, abs=1e-3), r
+    assert r[3:6] == [2, 25.0, pytest.approx(math.sqrt(50))] and r[6] == 0.0, r
+    assert r[7] == pytest.approx(25 + 63.531, abs=1e-3) and "uninformative" in r[8], r
     single = by[("50/50", "a", "throughput_tok_s")]
-    assert single[3:] == [1, 10.0, None, None, None], "one trial: a mean, no interval"
+    assert single[3:] == [1, 10.0, None, None, None, "1 trial: no confidence interval"], "one trial: a mean, no interval"
     assert ("50/50", RUN_LEVEL, "gpu_throughput_tok_s") in by
     assert ("50/50", "a", "np") not in by, "no run has an NP (no baselines): no NP rows"
 

@@ -487,6 +487,8 @@ class RunSummary:
     slo_ms: dict[str, float] | None = None
     missing_baselines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Which tenant set the window's start and end, and why (analysis/window_cut.py).
+    window_cut: dict[str, Any] | None = None
 
 
 @dataclass

@@ -8,7 +8,8 @@ Stages, data flowing one way (each module one job; none imports a later stage):
    (``RunData``: the typed ``schema.Manifest``, config.resolved.yaml, the columns).
 2. Metrics (DESIGN.md's definitions, names in ``names``): ``requests`` (the per-request table and
    the latency sample) -> ``metrics`` (per tenant and per run: windows, throughput, latency
-   statistics from ``stats``, SLO attainment) -> ``baselines`` (solo baseline matching by
+   statistics from ``stats``, SLO attainment; ``window_cut`` says which tenant set the window
+   and why) -> ``baselines`` (solo baseline matching by
    baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain).
 3. Outputs: ``report`` (terminal, summary.md, report.html), ``summary`` (summary.json as
    ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg) and ``trace``

@@ -21,6 +21,12 @@ SLOWDOWN_KEYS = (("ttft_p50", "ttft", "p50"), ("ttft_p99", "ttft", "p99"), ("tpo
 TTFT_SPLIT = ("frontend_in", "engine_queue", "prefill", "frontend_out")
 SPLIT_STAT_KEYS = ("mean", "p50", "p99")
 
+# What ended the run's window (``window_cut``): the ending tenant's phase end (its window t1),
+# or its last measured token (a forward tenant: its last completed request) before that.
+WINDOW_END_PHASE = "phase_end"
+WINDOW_END_LAST_TOKEN = "last_token"
+WINDOW_END_LAST_REQUEST = "last_request"
+
 # How a tenant's NP is defined (``baselines``); summary.json's ``np_definition``.
 NP_THROUGHPUT = "throughput"
 NP_E2E = "e2e"

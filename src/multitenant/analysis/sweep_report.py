@@ -384,8 +384,8 @@ def print_best(sweep: Sweep, console: Any) -> None:
         console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
-def markdown(sweep: Sweep) -> str:
-    parts = ["## Sweep", "", f"- axes: {', '.join(f'`{k}`' for k in sweep.axes) or 'none'}", f"- {CI_NOTE}"]
+def markdown(sweep: Sweep, title: str = "Sweep") -> str:
+    parts = [f"## {title}", "", f"- axes: {', '.join(f'`{k}`' for k in sweep.axes) or 'none'}", f"- {CI_NOTE}"]
     parts += [f"- {line}" for line in notes(sweep) + rate_lines(sweep) + cost_lines(sweep)]
     parts += ["", _md_table(sweep_table(sweep)), ""]
     if lines := best_lines(sweep):
@@ -395,9 +395,9 @@ def markdown(sweep: Sweep) -> str:
     return "\n".join(parts) + "\n"
 
 
-def html_section(sweep: Sweep, plots: Sequence[Plot]) -> str:
+def html_section(sweep: Sweep, plots: Sequence[Plot], title: str = "Sweep") -> str:
     esc = html.escape
-    out = ["<h2>Sweep</h2>"]
+    out = [f"<h2>{esc(title)}</h2>"]
     if lines := best_lines(sweep):
         style = "best" if sweep.best is not None else "banner"
         out.append(f'<p class="{style}">{esc(lines[0])}</p>' + "".join(f"<p>{esc(x)}</p>" for x in lines[1:]))

@@ -12,8 +12,9 @@ Stages, data flowing one way (each module one job; none imports a later stage):
    and why) -> ``baselines`` (solo baseline matching by
    baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain).
 3. Outputs: ``report`` (terminal, summary.md, report.html), ``summary`` (summary.json as
-   ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg) and ``trace``
-   (Chrome/Perfetto trace.json). Several runs also go through ``sweep`` (points, estimates over
+   ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg; seaborn for ECDFs, curves and heatmaps) and ``trace``
+   (Chrome/Perfetto trace.json). Several runs are grouped (``groups``: by sweep folder and
+   experiment); a group of several runs also goes through ``sweep`` (points, estimates over
    trials from ``stats``, the best point under an SLO, rate limits) and ``sweep_cost`` (the
    measured share of wall time) to ``sweep_report`` (sweep.csv, sweep.json, terminal, report
    section) and ``sweep_plots``.

@@ -291,19 +291,38 @@ class Manifest:
 # Solo baselines
 
 
+# The parts of a workload that change per-token performance: the lengths of prompts and outputs
+# (dataset) and how requests arrive (arrival). How long a tenant runs (duration_s), how many
+# requests it sends (num_requests), its warm-up (warmup_requests) and a staggered start
+# (start_delay_s) change how much is measured and when, not how fast; the seeds change which
+# prompts and which arrival instants are drawn, not their lengths or rate. A demo's solo at
+# duration_s 10 is the baseline of the same tenant shortened to 4 s.
+WORKLOAD_IDENTITY: dict[str, tuple[str, ...]] = {
+    "dataset": ("kind", "input_len", "output_len", "range_ratio", "path"),
+    "arrival": ("kind", "concurrency", "rate", "burstiness"),
+}
+
+
+def workload_identity(workload: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The WORKLOAD_IDENTITY fields of a workload block (a field not written is None). Idempotent,
+    so an identity recorded with a whole workload (older manifests) reduces to the same."""
+    workload = workload or {}
+    return {
+        part: {key: (workload.get(part) or {}).get(key) for key in keys} for part, keys in WORKLOAD_IDENTITY.items()
+    }
+
+
 def baseline_identity(tenant: Mapping[str, Any], mode: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
     """What must be equal for a solo run to be this tenant's baseline (with the same GPU name,
     which the analysis compares beside it).
 
     ``tenant``: the tenant's config block as plain data (config.resolved.yaml); ``options``: the
     options of its backend that change per-token performance and are set (``Backend.identity``).
-    model, backend, execution mode, dtype, task, batch limit and workload (its
-    ``start_delay_s`` left out: a staggered start changes when a tenant runs, not what), on the
-    CPU the tenant's ``cpu_threads``, and the backend's options under ``options`` when it has any
-    set. The run side records it per tenant in the manifest (``TenantRecord.identity``).
+    model, backend, execution mode, dtype, task, batch limit, the workload's WORKLOAD_IDENTITY
+    fields (``workload_identity``), on the CPU the tenant's ``cpu_threads``, and the backend's
+    options under ``options`` when it has any set. The run side records it per tenant in the
+    manifest (``TenantRecord.identity``).
     """
-    workload = dict(tenant.get("workload") or {})
-    workload.pop("start_delay_s", None)
     identity: dict[str, Any] = {
         "model": tenant.get("model"),
         "backend": tenant.get("backend"),
@@ -311,7 +330,7 @@ def baseline_identity(tenant: Mapping[str, Any], mode: str | None, options: Mapp
         "dtype": tenant.get("dtype"),
         "task": tenant.get("task"),
         "max_batch": tenant.get("max_batch"),
-        "workload": workload,
+        "workload": workload_identity(tenant.get("workload")),
     }
     if mode == "cpu":
         # On the CPU the thread count is part of the tenant's performance.
@@ -319,6 +338,15 @@ def baseline_identity(tenant: Mapping[str, Any], mode: str | None, options: Mapp
     if options:
         identity["options"] = dict(options)
     return identity
+
+
+def comparable_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded baseline identity with its workload reduced by ``workload_identity`` (a manifest
+    written before the reduction recorded the whole workload)."""
+    out = dict(identity)
+    if isinstance(out.get("workload"), Mapping):
+        out["workload"] = workload_identity(out["workload"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +527,8 @@ class RunSummary:
     slo_ms: dict[str, float] | None = None
     missing_baselines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Which tenant set the window's start and end, and why (analysis/window_cut.py).
+    window_cut: dict[str, Any] | None = None
 
 
 @dataclass

@@ -56,7 +56,7 @@ def test_explicit_baseline_and_svg(tmp_path: Path) -> None:
     assert not (out / "np_throughput.svg").exists()  # nothing to compare with
 
     out2 = tmp_path / "out2"
-    proc = mt_analyze(tmp_path / "a" / "b" / "pair", "--baseline", HAND / "solo_beta", HAND / "solo_alpha", "--out", out2)
+    proc = mt_analyze(tmp_path / "a" / "b" / "pair", "--baseline", HAND / "solo_beta", "--baseline", HAND / "solo_alpha", "--out", out2)
     assert proc.returncode == 0, proc.stderr
     run = orjson.loads((out2 / "summary.json").read_bytes())["runs"][0]
     assert run["aggregate"]["jain"] == pytest.approx(1.5625 / 1.625, rel=1e-12)

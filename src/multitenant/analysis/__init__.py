@@ -8,13 +8,15 @@ Stages, data flowing one way (each module one job; none imports a later stage):
    (``RunData``: the typed ``schema.Manifest``, config.resolved.yaml, the columns).
 2. Metrics (DESIGN.md's definitions, names in ``names``): ``requests`` (the per-request table and
    the latency sample) -> ``metrics`` (per tenant and per run: windows, throughput, latency
-   statistics from ``stats``, SLO attainment) -> ``baselines`` (solo baseline matching by
+   statistics from ``stats``, SLO attainment; ``window_cut`` says which tenant set the window
+   and why) -> ``baselines`` (solo baseline matching by
    baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain).
 3. Outputs: ``report`` (terminal, summary.md, report.html), ``summary`` (summary.json as
-   ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg) and ``trace``
-   (Chrome/Perfetto trace.json), ``export`` (``--export``: per tenant an llm-d Benchmark Report
-   or a ``vllm bench serve`` result) and ``compare`` (``--compare``: such a result file, or
-   AIPerf's, beside a tenant's figures). Several runs also go through ``sweep`` (points, estimates over
+   ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg; seaborn for ECDFs, curves and
+   heatmaps) and ``trace`` (Chrome/Perfetto trace.json), ``export`` (``--export``: per tenant an
+   llm-d Benchmark Report or a ``vllm bench serve`` result) and ``compare`` (``--compare``: such a
+   result file, or AIPerf's, beside a tenant's figures). Several runs are grouped (``groups``: by
+   sweep folder and experiment); a group of several runs also goes through ``sweep`` (points, estimates over
    trials from ``stats``, the best point under an SLO, rate limits) and ``sweep_cost`` (the
    measured share of wall time) to ``sweep_report`` (sweep.csv, sweep.json, terminal, report
    section) and ``sweep_plots``.

@@ -2,7 +2,8 @@
 STP, ANTT, fairness and Jain's index from it.
 
 A solo run is a tenant's baseline when its one tenant has the same baseline identity
-(``schema.baseline_identity``: model, backend, execution, dtype, task, batch limit, workload,
+(``schema.baseline_identity``: model, backend, execution, dtype, task, batch limit, workload
+lengths and arrival (``schema.WORKLOAD_IDENTITY``),
 CPU threads on the CPU, the backend options that change per-token performance) and it ran on a
 GPU of the same name. A run records each tenant's identity in its manifest; for a run that does
 not (older folders) it is derived from config.resolved.yaml the same way (``tenant_spec``).
@@ -29,8 +30,8 @@ import numpy as np
 
 from multitenant.analysis.load import RunData
 from multitenant.analysis.metrics import RunMetrics, TenantMetrics
-from multitenant.analysis.names import NP_E2E, NP_THROUGHPUT, SLOWDOWN_KEYS
-from multitenant.schema import RunStatus, baseline_identity
+from multitenant.analysis.names import NP_E2E, NP_SUSPECT, NP_THROUGHPUT, SLOWDOWN_KEYS
+from multitenant.schema import RunStatus, baseline_identity, comparable_identity
 
 # Arrival processes whose schedule does not wait for the engine (config.ARRIVALS less "closed").
 OPEN_LOOP_ARRIVALS = ("poisson", "gamma", "constant")
@@ -69,20 +70,68 @@ def derived_identity(run: RunData, name: str) -> dict[str, Any] | None:
     return baseline_identity(block, run.mode, identity_options(str(block.get("backend")), run.backend_options(name)))
 
 
-def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
-    """The tenant's baseline identity: the one its manifest record carries, else derived from
-    config.resolved.yaml; None when the run has neither."""
+def _recorded(run: RunData, name: str) -> dict[str, Any] | None:
     recorded = run.tenant_manifest(name).identity
+    return None if recorded is None else comparable_identity(recorded)
+
+
+def tenant_spec(run: RunData, name: str) -> dict[str, Any] | None:
+    """The tenant's baseline identity: the one its manifest record carries (its workload reduced
+    by ``schema.workload_identity``), else derived from config.resolved.yaml; None when the run
+    has neither."""
+    recorded = _recorded(run, name)
     return recorded if recorded is not None else derived_identity(run, name)
 
 
-def same_identity(run: RunData, name: str, solo: RunData, solo_name: str) -> bool:
-    """Whether the two tenants have the same baseline identity: the recorded ones when both
-    manifests carry one, else both derived from their configs (False when either has none)."""
-    mine, theirs = run.tenant_manifest(name).identity, solo.tenant_manifest(solo_name).identity
+def _identities(
+    run: RunData, name: str, solo: RunData, solo_name: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The two tenants' identities to compare: the recorded ones when both manifests carry one,
+    else both derived from their configs."""
+    mine, theirs = _recorded(run, name), _recorded(solo, solo_name)
     if mine is None or theirs is None:
         mine, theirs = derived_identity(run, name), derived_identity(solo, solo_name)
+    return mine, theirs
+
+
+def same_identity(run: RunData, name: str, solo: RunData, solo_name: str) -> bool:
+    """Whether the two tenants have the same baseline identity (False when either has none)."""
+    mine, theirs = _identities(run, name, solo, solo_name)
     return mine is not None and mine == theirs
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def identity_differences(mine: dict[str, Any] | None, theirs: dict[str, Any] | None) -> list[str]:
+    """The identity fields that differ, as ``workload.dataset.input_len 32 vs 64`` (mine first)."""
+    a, b = _flat(mine or {}), _flat(theirs or {})
+    return [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def nearest_solo(run: RunData, name: str, candidates: list[RunData]) -> str | None:
+    """For a tenant without a baseline: the solo candidate with the fewest differing identity
+    fields (the GPU name counts as one; ties: the earlier candidate) and those fields, as
+    ``nearest solo <dir>: workload.dataset.input_len 32 vs 64``; None without a candidate."""
+    best: tuple[int, RunData, list[str]] | None = None
+    for cand in candidates:
+        if cand.run_dir.resolve() == run.run_dir.resolve() or not is_solo_candidate(cand):
+            continue
+        (solo_name,) = cand.tenants
+        diffs = identity_differences(*_identities(run, name, cand, solo_name))
+        if cand.gpu_name != run.gpu_name:
+            diffs.append(f"gpu {run.gpu_name} vs {cand.gpu_name}")
+        if best is None or len(diffs) < best[0]:
+            best = (len(diffs), cand, diffs)
+    if best is None:
+        return None
+    return f"nearest solo {best[1].run_dir}: {'; '.join(best[2]) or 'no field differs'}"
 
 
 def describe_spec(spec: dict[str, Any] | None, gpu: str | None) -> str:
@@ -161,8 +210,14 @@ def newest_first(runs: list[RunData]) -> list[RunData]:
     return sorted(runs, key=lambda r: str(r.manifest.started_wall or ""), reverse=True)
 
 
-def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | list[RunMetrics] | None]) -> None:
+def apply_baselines(
+    rm: RunMetrics,
+    solos: dict[str, RunMetrics | list[RunMetrics] | None],
+    nearest: Mapping[str, str | None] | None = None,
+) -> None:
     """Fill NP, slowdowns and the aggregate interference figures from matched solo runs.
+    ``nearest[name]`` (``nearest_solo``) goes into the "no solo baseline" message of a tenant
+    without a match.
 
     ``solos[name]`` is the solo run's metrics for tenant ``name``, or the trials of one solo
     sweep (``baseline_trials``): then each solo figure is the mean over those trials (solo
@@ -180,9 +235,11 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | list[RunMetric
         tm.np_definition = np_definition(rm.run, name)
         solo = solos.get(name)
         if solo is None:
+            near = (nearest or {}).get(name)
             rm.missing_baselines.append(
                 f"no solo baseline for tenant {name} ({describe_spec(tenant_spec(rm.run, name), rm.run.gpu_name)}); "
-                "run it alone with the same settings and pass the run with --baseline"
+                + (f"{near}; " if near else "")
+                + "run it alone with the same settings and pass the run with --baseline"
             )
             continue
         pool = solo if isinstance(solo, list) else [solo]
@@ -199,6 +256,11 @@ def apply_baselines(rm: RunMetrics, solos: dict[str, RunMetrics | list[RunMetric
                 rm.warnings.append(_e2e_np_warning(name, tm))
         else:
             tm.np = _ratio(tm.throughput, tm.solo_throughput)
+        if tm.np is not None and tm.np > NP_SUSPECT:
+            rm.warnings.append(
+                f"tenant {name}: NP {tm.np:.2f} > {NP_SUSPECT:.2f}: co-located faster than solo: "
+                "noise, or a baseline that does not match"
+            )
         tm.slowdown = {
             key: _ratio(tm.latency[metric][stat], _pooled_mean([t.latency[metric][stat] for t in solo_tms]))
             for key, metric, stat in SLOWDOWN_KEYS

@@ -1,6 +1,6 @@
 """``mt-analyze``: experiment folders -> metrics, tables, plots, a report and (optionally) a trace.
 
-    mt-analyze PATH [PATH ...] [--baseline PATH ...] [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
+    mt-analyze PATH [PATH ...] [--baseline PATH]... [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
                [--slo-target 0.9] [--objective throughput|goodput] [--format png|svg|pdf] [--trace]
 
 PATH is a run folder, a sweep folder, or any folder that contains run folders (found by their
@@ -19,7 +19,13 @@ import sys
 from pathlib import Path
 
 from multitenant.analysis import compare, export
-from multitenant.analysis.baselines import apply_baselines, baseline_trials, choose_baseline, newest_first
+from multitenant.analysis.baselines import (
+    apply_baselines,
+    baseline_trials,
+    choose_baseline,
+    nearest_solo,
+    newest_first,
+)
 from multitenant.analysis.columns import AnalysisError
 from multitenant.analysis.discover import find_beside, find_run_dirs
 from multitenant.analysis.load import RunData, load_runs, read_head
@@ -37,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Metrics, plots, a one-page report and a trace from mt-run experiment folders.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folder, sweep folder, or a folder of runs")
-    p.add_argument("--baseline", nargs="+", default=[], metavar="PATH", help="solo runs to normalise against")
+    # One PATH per --baseline (repeat the flag for more), so `--baseline SOLO RUN` leaves RUN a
+    # PATH to analyse; nargs="+" ate RUN, and a second flag replaced the first.
+    p.add_argument(
+        "--baseline", action="append", default=[], metavar="PATH",
+        help="a solo run (or a folder of them) to normalise against; one PATH per --baseline, repeat "
+        "the flag for more (--baseline S1 --baseline S2); it may come before or after the PATHs",
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="output folder (default: plots/<run or sweep name>)")
     p.add_argument("--slo", metavar="SPEC", help="SLO bounds, e.g. ttft=200ms,tpot=50ms,e2e=10s")
     p.add_argument(
@@ -77,16 +89,17 @@ def default_out(paths: list[Path]) -> Path:
     return Path("plots", *parts) if parts else Path("plots") / "analysis"
 
 
-def run_labels(run_overrides: dict[Path, list[str]]) -> dict[Path, str]:
+def run_labels(run_overrides: dict[Path, list[str]], root: Path | None = None) -> dict[Path, str]:
     """Short unique names, also used as folder names: the path below the runs' common folder
     ('/' -> '__'), followed by the command-line overrides (manifest ``overrides``, given per run
     folder) that differ between the runs, so sweep jobs read ``job1__split=50-50`` rather than
-    ``job1`` ('/' in values -> '-')."""
+    ``job1`` ('/' in values -> '-'). ``root``: the folder paths are taken below (runs of several
+    groups, ``groups``), instead of these runs' common folder."""
     run_dirs = list(run_overrides)
-    if len(run_dirs) == 1:
+    if len(run_dirs) == 1 and root is None:
         return {run_dirs[0]: run_dirs[0].resolve().name}
     resolved = [d.resolve() for d in run_dirs]
-    common = Path(os.path.commonpath([str(d) for d in resolved]))
+    common = root or Path(os.path.commonpath([str(d) for d in resolved]))
     overrides = {d: overrides_dict(run_overrides[d]) for d in run_dirs}
     keys = sorted({k for o in overrides.values() for k in o})
     varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
@@ -138,15 +151,18 @@ def analyse(args: argparse.Namespace) -> int:
             add(head)
 
     choice: dict[Path, dict[str, list[RunData] | None]] = {}
+    nearest: dict[Path, dict[str, str | None]] = {}
     needed: dict[Path, Path] = {}
     for key, head in heads.items():
-        choice[key] = {}
+        choice[key], nearest[key] = {}, {}
         if len(head.tenants) < 2:
             continue
         for name in head.tenants:
             solo = choose_baseline(head, name, candidates)
             pool = baseline_trials(solo, head, name, candidates) if solo is not None else None
             choice[key][name] = pool
+            if solo is None:
+                nearest[key][name] = nearest_solo(head, name, candidates)
             for s in pool or []:
                 needed[s.run_dir.resolve()] = s.run_dir
 
@@ -168,10 +184,13 @@ def analyse(args: argparse.Namespace) -> int:
             name: ([metrics[s.run_dir.resolve()] for s in pool] if pool is not None else None)
             for name, pool in choice[key].items()
         }
-        apply_baselines(rm, solos)
+        apply_baselines(rm, solos, nearest[key])
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
-    write_outputs(rms, out, args.format, args.trace, console, target=target, objective=args.objective)
+    write_outputs(
+        rms, out, args.format, args.trace, console, target=target, objective=args.objective,
+        paths=[Path(p) for p in args.paths],
+    )  # fmt: skip
     if args.export:
         labels = run_labels({rm.run.run_dir: list(rm.run.manifest.overrides or []) for rm in rms})
         export.write_exports(rms, labels, out, args.export)
@@ -223,28 +242,52 @@ def write_outputs(
     console: object,
     target: float = DEFAULT_SLO_TARGET,
     objective: str = "throughput",
+    paths: list[Path] | None = None,
 ) -> dict[str, Path]:
     """Every output file; returns them by name. Several runs (``sweep.is_sweep``) also get
-    sweep.csv, sweep.json, the sweep plots and sections, and the best point as the last lines."""
+    sweep.csv, sweep.json, the sweep plots and sections, and the best point as the last lines.
+    With ``paths`` (the PATHs given) runs are grouped first (``groups``): each group of several
+    runs is its own sweep; with more than one group, each sweep's files go to its own
+    ``sweep__<group>`` sub-folder."""
     from multitenant.analysis import plots, report, summary, sweep_plots, sweep_report
+    from multitenant.analysis.groups import common_folder, group_name, group_runs
     from multitenant.analysis.trace import write_trace
 
     out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(rms, paths) if paths is not None else [list(rms)]
+    root = common_folder(rms) if len(groups) > 1 else None
     # The manifests are already loaded: take the overrides from there, not from disk again.
-    labels_by_dir = run_labels({rm.run.run_dir: list(rm.run.manifest.overrides or []) for rm in rms})
+    # Labels per group, so unrelated runs do not list each other's overrides.
+    labels_by_dir: dict[Path, str] = {}
+    for group in groups:
+        labels_by_dir.update(run_labels({rm.run.run_dir: list(rm.run.manifest.overrides or []) for rm in group}, root))
     labels = {id(rm): labels_by_dir[rm.run.run_dir] for rm in rms}
     colors = plots.tenant_colors(name for rm in rms for name in rm.tenants)
     written: dict[str, Path] = {
         "summary.json": summary.write_summary_json(rms, out / "summary.json"),
         "requests.csv": summary.write_requests_csv(rms, out / "requests.csv"),
     }
-    sweep = build_sweep(rms, labels_by_dir, target, objective) if is_sweep(rms) else None
+    # (sweep, its output folder, its section title); one group: the sweep of all runs, as before.
+    sweeps = [
+        (build_sweep(g, labels_by_dir, target, objective), out, "Sweep")
+        if root is None
+        else (build_sweep(g, labels_by_dir, target, objective), out / f"sweep__{group_name(g, root)}",
+              f"Sweep {group_name(g, root)}")
+        for g in groups
+        if is_sweep(g)
+    ]  # fmt: skip
+    sweep = sweeps[0][0] if sweeps else None
     md_text = report.markdown(rms, labels)
-    if sweep is not None:
-        written["sweep.csv"] = sweep_report.write_sweep_csv(sweep, out / "sweep.csv")
-        written["sweep.json"] = sweep_report.write_sweep_json(sweep, out / "sweep.json")
+    sweep_md = ""
+    for sw, sw_out, sw_title in sweeps:
+        sw_out.mkdir(parents=True, exist_ok=True)
+        prefix = "" if sw_out == out else f"{sw_out.name}/"
+        written[f"{prefix}sweep.csv"] = sweep_report.write_sweep_csv(sw, sw_out / "sweep.csv")
+        written[f"{prefix}sweep.json"] = sweep_report.write_sweep_json(sw, sw_out / "sweep.json")
+        sweep_md += sweep_report.markdown(sw, sw_title)
+    if sweep_md:
         title, _, rest = md_text.partition("\n")
-        md_text = f"{title}\n\n{sweep_report.markdown(sweep)}{rest}"
+        md_text = f"{title}\n\n{sweep_md}{rest}"
     md = out / "summary.md"
     md.write_text(md_text, encoding="utf-8")
     written["summary.md"] = md
@@ -257,23 +300,29 @@ def write_outputs(
             written[f"trace:{labels[id(rm)]}"] = write_trace(rm, run_out / "trace.json")
     across = plots.plot_across(rms, labels, out, fmt, colors)
     sweep_html = ""
-    if sweep is not None:
-        figures = sweep_plots.plot_sweep(sweep, out, fmt, colors)
-        written.update({f"plot:{p.name}": p.path for p in figures})
-        sweep_html = sweep_report.html_section(sweep, figures)
-        sweep_report.print_sweep(sweep, console)
+    for sw, sw_out, sw_title in sweeps:
+        figures = sweep_plots.plot_sweep(sw, sw_out, fmt, colors)
+        prefix = "" if sw_out == out else f"{sw_out.name}/"
+        written.update({f"plot:{prefix}{p.name}": p.path for p in figures})
+        sweep_html += sweep_report.html_section(sw, figures, sw_title)
+        if len(sweeps) > 1:
+            console.print(sw_title, style="bold", markup=False, highlight=False)  # type: ignore[attr-defined]
+        sweep_report.print_sweep(sw, console)
     written["report.html"] = report.write_html(
         rms, labels, run_plots, across, colors, out / "report.html", sweep_html=sweep_html
     )
     files = "report.html, summary.json, summary.md, requests.csv" + (", sweep.csv, sweep.json" if sweep else "")
     print(f"mt-analyze: {len(rms)} run(s) -> {out}/ ({files})", file=sys.stderr)
-    if sweep is not None:
-        sweep_report.print_best(sweep, console)  # the answer comes last
+    for sw, _, sw_title in sweeps:
+        if len(sweeps) > 1:
+            print(sw_title, file=sys.stderr)
+        sweep_report.print_best(sw, console)  # the answer comes last
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Intermixed: PATHs may come before, between and after the options (`--baseline S RUN`).
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return analyse(args)
     except (AnalysisError, SloError) as e:

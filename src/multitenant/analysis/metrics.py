@@ -55,6 +55,7 @@ from multitenant.analysis.names import (
 )
 from multitenant.analysis.requests import RequestTable, in_range, latency_sample, request_table
 from multitenant.analysis.stats import latency_stats
+from multitenant.analysis.window_cut import TenantBounds, window_cut
 from multitenant.schema import RequestStatus, RunStatus
 
 SPLIT_NEGATIVE_TOLERANCE_MS = 1.0  # clocks of one host's processes agree far better than this
@@ -117,6 +118,9 @@ class TenantMetrics:
     # request of the tenant has engine timestamps.
     ttft_split: dict[str, Any] | None = None
     slo_attainment: float | None = None
+    # The counts behind slo_attainment (good / judged), kept so sweeps compare means exactly.
+    slo_good: int | None = None
+    slo_judged: int | None = None
     goodput_req_s: float | None = None
     np: float | None = None
     np_definition: str | None = None  # NP_THROUGHPUT or NP_E2E; None in a run without interference figures
@@ -145,6 +149,8 @@ class RunMetrics:
     slo: dict[str, float] | None = None
     missing_baselines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Which tenant set the window's start and end, and why (``window_cut``); None without a window.
+    window_cut: dict[str, Any] | None = None
 
     @property
     def window_s(self) -> float | None:
@@ -197,6 +203,7 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
     measured: dict[str, np.ndarray] = {}
     starts: list[int] = []
     ends: list[int] = []
+    bounds: list[TenantBounds] = []
     for name, log in run.tenants.items():
         t0, t1 = _tenant_phase(run, log, warnings)
         meas = in_range(_ref_ns(log), t0, t1) if t0 is not None else np.zeros(log.n_requests, bool)
@@ -212,6 +219,9 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
         if t0 is None:
             continue
         starts.append(t0)
+        bounds.append(
+            TenantBounds(name, t0, t1, int(last.max()) if last.size else None, tasks[name] == "forward")
+        )
         if end is None:
             warnings.append(f"tenant {name}: no window end and no measured token; it does not bound the window")
         else:
@@ -320,10 +330,12 @@ def compute_run(run: RunData, slo: dict[str, float] | None = None) -> RunMetrics
             slo_ok[judged] = good[judged]
             cols["slo_ok"] = slo_ok
             tm.slo_attainment = n_good / n_judged if n_judged else None
+            tm.slo_good, tm.slo_judged = n_good, n_judged
             tm.goodput_req_s = n_good / ((window[1] - window[0]) / NS_PER_S)
         tenants[name] = tm
 
     rm = RunMetrics(run=run, window_ns=window, tenants=tenants, slo=slo, warnings=warnings)
+    rm.window_cut = window_cut(bounds, window)
     if window is not None and any_token_throughput:
         rm.gpu_throughput_tok_s = total_window_tokens / ((window[1] - window[0]) / NS_PER_S)
     if naive_first_sent and naive_last_tok:

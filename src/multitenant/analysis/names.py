@@ -21,6 +21,12 @@ SLOWDOWN_KEYS = (("ttft_p50", "ttft", "p50"), ("ttft_p99", "ttft", "p99"), ("tpo
 TTFT_SPLIT = ("frontend_in", "engine_queue", "prefill", "frontend_out")
 SPLIT_STAT_KEYS = ("mean", "p50", "p99")
 
+# What ended the run's window (``window_cut``): the ending tenant's phase end (its window t1),
+# or its last measured token (a forward tenant: its last completed request) before that.
+WINDOW_END_PHASE = "phase_end"
+WINDOW_END_LAST_TOKEN = "last_token"
+WINDOW_END_LAST_REQUEST = "last_request"
+
 # How a tenant's NP is defined (``baselines``); summary.json's ``np_definition``.
 NP_THROUGHPUT = "throughput"
 NP_E2E = "e2e"
@@ -35,6 +41,17 @@ TENANT_METRICS = (
 # The latency metrics whose p50 and p99 are headline metrics (TENANT_METRICS above).
 HEADLINE_LATENCY = ("ttft", "tpot", "e2e")
 RUN_METRICS = ("gpu_throughput_tok_s", "stp", "antt", "fairness", "jain", "goodput_req_s")
+# The possible range of each headline metric: intervals over trials are clipped to it. SLO
+# attainment, fairness (min/max NP) and Jain's index are proportions; every other one (throughput,
+# latencies, NP, STP, ANTT, goodput) is a ratio or a time, never negative.
+PROPORTIONS = ("slo_attainment", "fairness", "jain")
+NON_NEGATIVE: tuple[float | None, float | None] = (0.0, None)
+METRIC_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    **{m: NON_NEGATIVE for m in (*TENANT_METRICS, *RUN_METRICS)},
+    **{m: (0.0, 1.0) for m in PROPORTIONS},
+}
+# An NP above this says co-located ran faster than solo: noise, or a baseline that does not match.
+NP_SUSPECT = 1.05
 # A sweep's objective (``--objective``) and the run-level metric it ranks by.
 OBJECTIVE_METRIC = {"throughput": "gpu_throughput_tok_s", "goodput": "goodput_req_s"}
 OBJECTIVES = tuple(OBJECTIVE_METRIC)

@@ -1,4 +1,5 @@
-"""Stage 3a of ``mt-analyze``: metrics -> figures (matplotlib, Agg backend, no display needed).
+"""Stage 3a of ``mt-analyze``: metrics -> figures (matplotlib, Agg backend, no display needed;
+seaborn where it serves: ECDFs, heatmaps, the whitegrid style).
 
 Per run: TTFT CDF, TPOT CDF, ITL distribution, tokens/s per tenant over time (1 s bins,
 stacked, the measured window shaded), TTFT and end-to-end latency of each request over time,
@@ -8,7 +9,8 @@ slowdown heatmap. Every axis names its unit; a tenant has the same colour in eve
 (``tenant_colors``). Time axes are seconds since the start of the run's window.
 
 Each figure is written in the requested format and also rendered to PNG bytes for the
-self-contained HTML report (browsers cannot show a PDF inside ``<img>``).
+self-contained HTML report (browsers cannot show a PDF inside ``<img>``). Legends sit outside
+the axes (right of them), never over the data.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -24,6 +27,8 @@ matplotlib.use("Agg")  # before pyplot: never look for a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from multitenant.analysis.columns import NO_TIME  # noqa: E402
@@ -39,6 +44,25 @@ WINDOW_COLOR = "0.85"
 NEUTRAL_STYLES = (("0.1", "-"), ("0.5", "--"))
 # (legend label, values, tenant name for its colour or None) of one telemetry line.
 Series = tuple[str, np.ndarray, "str | None"]
+# An ECDF of more values than this is drawn from its quantiles at this many levels: the same
+# curve to 1/ECDF_POINTS in y, without a vertex per token gap (a run has millions).
+ECDF_POINTS = 2000
+STYLE = "whitegrid"
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Figure, Any]:
+    """``plt.subplots`` in seaborn's whitegrid style (a style applies when axes are made; the
+    context keeps it from leaking into anything else)."""
+    with sns.axes_style(STYLE):
+        return plt.subplots(*args, **kwargs)
+
+
+def legend_outside(ax: plt.Axes, **kwargs: object) -> None:
+    """The axes' legend right of them, so it never covers data (``_save`` keeps it in the file)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  frameon=False, **kwargs)  # fmt: skip
 
 
 @dataclass
@@ -100,27 +124,47 @@ def _latency_sample(rm: RunMetrics, name: str, column: str) -> np.ndarray:
     return values[~np.isnan(values)]
 
 
-def _cdf(rm: RunMetrics, colors: dict[str, str], column: str, label: str, out_dir: Path, name: str, fmt: str) -> Plot | None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
-    for tenant in rm.tenants:
-        values = np.sort(_latency_sample(rm, tenant, column))
-        if not values.size:
-            continue
-        frac = np.arange(1, values.size + 1) / values.size
-        ax.step(values, frac, where="post", color=colors[tenant], label=f"{tenant} (n={values.size})")
-        drawn = True
-    if not drawn:
-        plt.close(fig)
+def _ecdf_values(values: np.ndarray) -> np.ndarray:
+    if values.size <= ECDF_POINTS:
+        return values
+    return np.quantile(values, np.linspace(0.0, 1.0, ECDF_POINTS + 1))
+
+
+def _ecdf(
+    samples: dict[str, np.ndarray], colors: dict[str, str], xlabel: str, title: str, out_dir: Path, name: str,
+    plot_title: str, fmt: str, ylabel: str = "fraction of requests",
+) -> Plot | None:  # fmt: skip
+    """One ECDF per tenant (seaborn ``ecdfplot``, hue = tenant in its colour); a log x axis when
+    the values are positive and span more than 20×."""
+    samples = {t: v for t, v in samples.items() if v.size}
+    if not samples:
         return None
-    ax.set_xlabel(f"{label} (ms)")
-    ax.set_ylabel("fraction of requests")
+    keys = {t: f"{t} (n={v.size})" for t, v in samples.items()}
+    data = pd.concat(
+        [pd.DataFrame({"value": _ecdf_values(v), "tenant": keys[t]}) for t, v in samples.items()], ignore_index=True
+    )
+    values = data["value"].to_numpy()
+    log = bool(values.min() > 0 and values.max() / values.min() > 20)
+    fig, ax = subplots(figsize=(7.5, 4))
+    sns.ecdfplot(data=data, x="value", hue="tenant", palette={keys[t]: colors[t] for t in samples}, ax=ax,
+                 log_scale=log, lw=1.6)  # fmt: skip
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title=None, frameon=False)
+    if log:
+        # Plain numbers at 1, 2, 5 × 10ⁿ; no labels on the minor ticks (3×10¹ 4×10¹ ... collide).
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(xlabel.replace(")", ", log scale)") if log else xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    title = f"{label} CDF — {rm.run.run_id}"
     ax.set_title(title)
-    return _save(fig, out_dir, name, f"{label} CDF", fmt)
+    return _save(fig, out_dir, name, plot_title, fmt)
+
+
+def _cdf(rm: RunMetrics, colors: dict[str, str], column: str, label: str, out_dir: Path, name: str, fmt: str) -> Plot | None:
+    samples = {tenant: _latency_sample(rm, tenant, column) for tenant in rm.tenants}
+    return _ecdf(samples, colors, f"{label} (ms)", f"{label} CDF — {rm.run.run_id}", out_dir, name, f"{label} CDF", fmt)
 
 
 def _itl(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plot | None:
@@ -131,29 +175,9 @@ def _itl(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plo
             continue
         cols = table.columns
         keep = latency_sample(cols["sent_ns"], cols["status"], rm.window_ns)
-        values = table.itl_ns[keep[table.itl_row]] / NS_PER_MS
-        if values.size:
-            samples[tenant] = values
-    if not samples:
-        return None
-    everything = np.concatenate(list(samples.values()))
-    positive = everything[everything > 0]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    # Log-spaced bins: ITL spans from sub-millisecond decode steps to multi-second stalls.
-    if positive.size and positive.max() / positive.min() > 20:
-        bins = np.geomspace(positive.min(), positive.max(), 80)
-        ax.set_xscale("log")
-    else:
-        bins = np.linspace(everything.min(), everything.max() + 1e-9, 80)
-    for tenant, values in samples.items():
-        counts, edges = np.histogram(values, bins=bins)
-        ax.stairs(counts / values.size, edges, color=colors[tenant], label=f"{tenant} (n={values.size})", lw=1.5)
-    ax.set_xlabel("inter-token latency (ms)")
-    ax.set_ylabel("fraction of gaps")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"ITL distribution — {rm.run.run_id}")
-    return _save(fig, out_dir, "itl_distribution", "ITL distribution", fmt)
+        samples[tenant] = table.itl_ns[keep[table.itl_row]] / NS_PER_MS
+    return _ecdf(samples, colors, "inter-token latency (ms)", f"ITL distribution (ECDF) — {rm.run.run_id}", out_dir,
+                 "itl_distribution", "ITL distribution", fmt, ylabel="fraction of gaps")  # fmt: skip
 
 
 def _throughput_timeline(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plot | None:
@@ -174,7 +198,7 @@ def _throughput_timeline(rm: RunMetrics, colors: dict[str, str], out_dir: Path, 
     hi = int(np.floor((everything.max() - origin) / NS_PER_S)) + 1
     edges = np.arange(lo, hi + 1, dtype=np.float64)
     panels = [p for p in (("tok", gen), ("seq", fwd)) if p[1]]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), sharex=True, squeeze=False)
+    fig, axes = subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (unit, series) in zip(axes[:, 0], panels, strict=True):
         _shade_window(ax, rm, origin)
         stack = []
@@ -190,8 +214,7 @@ def _throughput_timeline(rm: RunMetrics, colors: dict[str, str], out_dir: Path, 
             alpha=0.85,
         )
         ax.set_ylabel("tokens/s (1 s bins)" if unit == "tok" else "sequences/s (1 s bins)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
+        legend_outside(ax)
     axes[-1, 0].set_xlabel("time since window start (s)")
     axes[0, 0].set_title(f"throughput per tenant, stacked — {rm.run.run_id}")
     return _save(fig, out_dir, "throughput_timeline", "Throughput over time", fmt)
@@ -199,7 +222,7 @@ def _throughput_timeline(rm: RunMetrics, colors: dict[str, str], out_dir: Path, 
 
 def _request_latency(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plot | None:
     origin = time_origin_ns(rm)
-    fig, (ax_ttft, ax_e2e) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    fig, (ax_ttft, ax_e2e) = subplots(2, 1, figsize=(9, 6.5), sharex=True)
     drawn = False
     for tenant, tm in rm.tenants.items():
         if tm.table is None:
@@ -220,8 +243,7 @@ def _request_latency(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt:
     for ax, label in ((ax_ttft, "TTFT (ms)"), (ax_e2e, "end-to-end latency (ms)")):
         _shade_window(ax, rm, origin, label=ax is ax_ttft)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_ttft.legend(loc="upper right", markerscale=2)
+    legend_outside(ax_ttft, markerscale=2)
     ax_e2e.set_xlabel("request sent, time since window start (s)")
     ax_ttft.set_title(f"latency of each completed request — {rm.run.run_id}")
     return _save(fig, out_dir, "request_latency", "Latency of each request", fmt)
@@ -258,15 +280,14 @@ def _telemetry(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) 
         panels.append(("tenant CPU (%)", cpu))
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.3 * len(panels) + 0.6), sharex=True, squeeze=False)
+    fig, axes = subplots(len(panels), 1, figsize=(9, 2.3 * len(panels) + 0.6), sharex=True, squeeze=False)
     for i, (ax, (ylabel, series)) in enumerate(zip(axes[:, 0], panels, strict=True)):
         _shade_window(ax, rm, origin, label=i == 0)
         for j, (label, values, tenant) in enumerate(series):
             color, style = (colors[tenant], "-") if tenant else NEUTRAL_STYLES[j % len(NEUTRAL_STYLES)]
             ax.plot(x, values, label=label, color=color, ls=style, lw=1.2)
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize="small")
+        legend_outside(ax, fontsize="small")
     axes[-1, 0].set_xlabel("time since window start (s)")
     axes[0, 0].set_title(f"telemetry — {rm.run.run_id}")
     return _save(fig, out_dir, "telemetry", "Telemetry", fmt)
@@ -298,7 +319,7 @@ def plot_across(
     # Run labels can be long (job1__split=50-50): one line per "__" part, so they never collide.
     names = [f"{labels[id(rm)].replace('__', chr(10))}\n{name}" if multi else name for rm, name, _ in rows]
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
+    fig, ax = subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
     x = np.arange(len(rows))
     solo = [tm.solo_throughput or 0.0 for _, _, tm in rows]
     colo = [tm.throughput or 0.0 for _, _, tm in rows]
@@ -312,8 +333,8 @@ def plot_across(
     ax.set_xticks(x, names, fontsize="small")
     units = {tm.throughput_unit for _, _, tm in rows}
     ax.set_ylabel("throughput (" + " or ".join(sorted(units)) + ")")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the NP labels above the bars
+    legend_outside(ax)
     ax.set_title("solo vs co-located throughput (NP = co-located / solo)")
     plots.append(_save(fig, out_dir, "np_throughput", "Solo vs co-located throughput", fmt))
 
@@ -326,15 +347,16 @@ def plot_across(
     # 1x (no slowdown) at the bottom of the scale unless some tenant got faster than solo.
     vmin = min(1.0, float(finite.min())) if finite.size else 1.0
     vmax = max(2.0, float(finite.max())) if finite.size else 2.0
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("0.8")
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    annot = np.array([["n/a" if np.isnan(v) else f"{v:.2f}×" for v in r] for r in grid], dtype=object)
+    ax.set_facecolor("0.8")  # a missing slowdown (masked) shows grey with "n/a"
+    sns.heatmap(grid, mask=np.isnan(grid), annot=annot, fmt="", cmap="viridis", vmin=vmin, vmax=vmax, ax=ax,
+                cbar_kws={"label": "slowdown (co-located / solo, ×)"}, annot_kws={"fontsize": "small"},
+                xticklabels=[k.replace("_", " ") for k, _, _ in SLOWDOWN_KEYS],
+                yticklabels=[n.replace("\n", " / ") for n in names], linewidths=0.5, linecolor="white")  # fmt: skip
     for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}×", ha="center", va="center", fontsize="small",
-                color="black" if np.isnan(value) or value > (vmax + 1) / 2 else "white")
-    ax.set_xticks(range(len(SLOWDOWN_KEYS)), [k.replace("_", " ") for k, _, _ in SLOWDOWN_KEYS])
-    ax.set_yticks(range(len(rows)), [n.replace("\n", " / ") for n in names])
-    fig.colorbar(image, ax=ax, label="slowdown (co-located / solo, ×)")
+        if np.isnan(value):  # seaborn leaves masked cells unannotated
+            ax.text(j + 0.5, i + 0.5, "n/a", ha="center", va="center", fontsize="small")
+    ax.tick_params(axis="y", rotation=0)
     ax.set_title("latency slowdown vs solo")
     plots.append(_save(fig, out_dir, "slowdown_heatmap", "Slowdown heatmap", fmt))
     return plots

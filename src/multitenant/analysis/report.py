@@ -98,6 +98,7 @@ def run_tables(rm: RunMetrics) -> list[Table]:
         ["figure", "value"],
         [
             ["window", window],
+            ["window cut", rm.window_cut["text"] if rm.window_cut else "–"],
             [f"{aggregate_label(rm)} throughput (tok/s, in window)", fmt(rm.gpu_throughput_tok_s)],
             [f"{aggregate_label(rm)} throughput, naive (tok/s, seed study)", fmt(rm.gpu_throughput_naive_tok_s)],
             ["STP (Σ NP)", fmt(rm.stp, 3)],
@@ -276,6 +277,8 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
             f" · fairness {fmt(rm.fairness, 3)} · Jain {fmt(rm.jain, 3)}",
             highlight=False,
         )
+        if rm.window_cut is not None:
+            console.print(f"  {rm.window_cut['text']}", markup=False, highlight=False)
         for name, tm in rm.tenants.items():
             if tm.np_definition == NP_E2E and tm.baseline_run_dir is not None:
                 console.print(

@@ -7,8 +7,11 @@ null when there is no sample.
 
 Estimates over trials. For n values x_1..x_n of one metric (trials where it is defined):
   mean = Σ x_i / n,  s = sqrt(Σ (x_i - mean)² / (n - 1)),
-  95 % CI = mean ± t_{0.975, n-1} · s / sqrt(n)        (Student t; ``t_quantile``)
-With n = 1 there is no interval (``ci_low`` = ``ci_high`` = None); with n = 0 no mean either.
+  95 % CI = mean ± t_{0.975, n-1} · s / sqrt(n)        (Student t; ``t_quantile``, scipy)
+clipped to the metric's possible range (``names.METRIC_BOUNDS``: a proportion to [0, 1], every
+other headline metric at 0). With n = 1 there is no interval (``ci_low`` = ``ci_high`` = None);
+with n = 0 no mean either. With n = 2 the factor is t_{0.975,1} = 12.7: the interval is
+uninformative (``UNINFORMATIVE_BELOW``), which the sweep outputs say.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
 from multitenant.analysis.names import PERCENTILES, STAT_KEYS
 
 CONFIDENCE = 0.95
+# Fewer trials than this give an interval too wide to read (t_{0.975,1} = 12.7): the sweep
+# outputs mark such points.
+UNINFORMATIVE_BELOW = 3
 
 
 def latency_stats(values_ms: np.ndarray) -> dict[str, float | None]:
@@ -36,51 +43,13 @@ def latency_stats(values_ms: np.ndarray) -> dict[str, float | None]:
 
 
 
-def t_cdf_two_sided(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df`` >= 1, exactly (Abramowitz & Stegun 26.7.3-4).
-
-    With θ = atan(t / sqrt(df)), c = cos θ, s = sin θ:
-      df odd:  (2/π) (θ + s c (1 + (2/3) c² + (2·4)/(3·5) c⁴ + ... + (2·4···(df-3))/(3·5···(df-2)) c^(df-3)))
-      df even: s (1 + (1/2) c² + (1·3)/(2·4) c⁴ + ... + (1·3···(df-3))/(2·4···(df-2)) c^(df-2))
-    (the bracketed series is empty for df = 1 and is 1 for df = 2, 3).
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2 == 1:
-        if df == 1:
-            return 2.0 * theta / math.pi
-        term, total = 1.0, 1.0
-        for k in range(2, df - 1, 2):  # factors k/(k+1) for k = 2, 4, ..., df-3
-            term *= k / (k + 1) * c2
-            total += term
-        return 2.0 / math.pi * (theta + s * math.cos(theta) * total)
-    term, total = 1.0, 1.0
-    for k in range(1, df - 2, 2):  # factors k/(k+1) for k = 1, 3, ..., df-3
-        term *= k / (k + 1) * c2
-        total += term
-    return s * total
-
-
 def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
-    """t_{(1+confidence)/2, df}: the half-width factor of a two-sided ``confidence`` interval.
+    """t_{(1+confidence)/2, df}: the half-width factor of a two-sided ``confidence`` interval
+    (``scipy.stats.t.ppf``; 12.7062 for df 1, 4.3027 for df 2, 1.96 as df grows)."""
+    # scipy is imported here, not at the top: mt-analyze's start-up should not pay for it.
+    from scipy import stats as scipy_stats
 
-    Solved from ``t_cdf_two_sided`` by bisection to double precision (t_{0.975,1} = 12.7062,
-    t_{0.975,2} = 4.3027, t_{0.975,30} = 2.0423, t_{0.975,∞} = 1.9600). No scipy needed.
-    """
-    lo, hi = 0.0, 1.0
-    while t_cdf_two_sided(hi, df) < confidence:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if mid in (lo, hi):
-            break
-        if t_cdf_two_sided(mid, df) < confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return float(scipy_stats.t.ppf((1.0 + confidence) / 2.0, df))
 
 
 @dataclass(frozen=True)
@@ -98,8 +67,13 @@ class Estimate:
         return None if self.ci_low is None or self.ci_high is None else (self.ci_high - self.ci_low) / 2.0
 
 
-def estimate(values: Sequence[float | None], confidence: float = CONFIDENCE) -> Estimate:
-    """Mean and Student-t interval (module docstring) of the defined, finite ``values``."""
+def estimate(
+    values: Sequence[float | None],
+    confidence: float = CONFIDENCE,
+    bounds: tuple[float | None, float | None] = (None, None),
+) -> Estimate:
+    """Mean and Student-t interval (module docstring) of the defined, finite ``values``, the
+    interval clipped to ``bounds`` (low, high; None: unbounded) of the metric's possible range."""
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(x.size)
     if n == 0:
@@ -109,4 +83,25 @@ def estimate(values: Sequence[float | None], confidence: float = CONFIDENCE) -> 
         return Estimate(1, mean, None, None, None)
     std = float(x.std(ddof=1))
     half = t_quantile(n - 1, confidence) * std / math.sqrt(n)
-    return Estimate(n, mean, std, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    # A proportion outside [0, 1] or a throughput below 0 is no possible value: the symmetric
+    # t interval of few trials overshoots; the clipped interval says what the data allows.
+    if bounds[0] is not None:
+        low = max(low, bounds[0])
+    if bounds[1] is not None:
+        high = min(high, bounds[1])
+    return Estimate(n, mean, std, low, high)
+
+
+def mean_fraction(values: Sequence[Fraction | None]) -> Fraction | None:
+    """The exact mean of the defined ``values`` (None when none is): SLO attainments are ratios of
+    counts, and their mean in floating point can land one ulp below a target it equals
+    ((17/20 + 19/20) / 2 = 0.8999999999999999)."""
+    known = [v for v in values if v is not None]
+    return sum(known, Fraction(0)) / len(known) if known else None
+
+
+def at_least(value: Fraction | None, target: float) -> bool:
+    """``value >= target``, exactly, with ``target`` read as the decimal it was written as
+    (``repr``: 0.9 is 9/10, not the binary double just above it); None never meets it."""
+    return value is not None and value >= Fraction(repr(target))

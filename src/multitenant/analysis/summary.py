@@ -91,6 +91,7 @@ def run_record(rm: RunMetrics) -> RunSummary:
         slo_ms=rm.slo,
         missing_baselines=rm.missing_baselines,
         warnings=rm.warnings,
+        window_cut=rm.window_cut,
     )
 
 

@@ -19,7 +19,8 @@ aggregate throughput (tok/s), STP, ANTT, fairness, Jain, aggregate goodput (Σ t
 req/s). They are each run's own figures (``metrics.compute_run``), averaged over trials.
 
 Best point. With an SLO and target q: a point is feasible when every tenant's mean SLO attainment
-is >= q (a tenant without an attainment makes it infeasible); the best point is the feasible one
+is >= q, compared exactly (``stats.at_least`` on the mean of the trials' good/judged fractions;
+a tenant without an attainment makes it infeasible); the best point is the feasible one
 with the highest mean aggregate throughput (objective ``throughput``) or mean aggregate goodput
 (``goodput``); ties go to the higher lowest-tenant attainment, then to the earlier point. With no
 feasible point, the closest is the one with the highest lowest-tenant mean attainment (ties: the
@@ -34,24 +35,27 @@ Wall-time share: ``sweep_cost``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from multitenant.analysis.metrics import RunMetrics
+from multitenant.analysis.metrics import RunMetrics, TenantMetrics
 from multitenant.analysis.names import (
     HEADLINE_LATENCY,
+    METRIC_BOUNDS,
     OBJECTIVE_METRIC,
     OBJECTIVES,
     RUN_LEVEL,
     RUN_METRICS,
     TENANT_METRICS,
 )
-from multitenant.analysis.stats import Estimate, estimate
+from multitenant.analysis.stats import Estimate, at_least, estimate, mean_fraction
 from multitenant.analysis.sweep_cost import Cost, sweep_cost
 from multitenant.schema import RunStatus
 
@@ -210,6 +214,8 @@ class Point:
     estimates: dict[tuple[str, str], Estimate] = field(default_factory=dict)
     feasible: bool | None = None  # None without an SLO
     pareto: bool | None = None  # None unless every tenant has an NP at this point (and >= 2 tenants)
+    # Each tenant's mean SLO attainment over the trials, exactly (feasibility compares this).
+    attainment: dict[str, Fraction | None] = field(default_factory=dict)
 
     @property
     def n_trials(self) -> int:
@@ -354,7 +360,15 @@ def build_sweep(
     for point in points:
         point.tenants = [t for t in tenants if any(t in sr.rm.tenants for sr in point.runs + point.excluded)]
         for row in rows:
-            point.estimates[row] = estimate([values_by_run[id(sr)].get(row) for sr in point.runs])
+            trial_values = [values_by_run[id(sr)].get(row) for sr in point.runs]
+            point.estimates[row] = estimate(trial_values, bounds=METRIC_BOUNDS.get(row[1], (None, None)))
+        for t in point.tenants:
+            exact = mean_fraction([exact_attainment(sr.rm.tenants.get(t)) for sr in point.runs])
+            point.attainment[t] = exact
+            e = point.estimates.get((t, "slo_attainment"))
+            if e is not None and exact is not None:
+                # The stored mean is the exact one, rounded once (0.9, not 0.8999999999999999).
+                point.estimates[(t, "slo_attainment")] = dataclasses.replace(e, mean=float(exact))
         if not point.runs:
             warnings.append(f"point {point.label(axes)} has no run that counts: no estimates")
 
@@ -390,13 +404,23 @@ def _pareto(sweep: Sweep) -> None:
         sweep.points[i].pareto = not dominated
 
 
+def exact_attainment(tm: TenantMetrics | None) -> Fraction | None:
+    """A run's SLO attainment of one tenant as the fraction good / judged."""
+    if tm is None or tm.slo_attainment is None:
+        return None
+    if tm.slo_judged:
+        return Fraction(tm.slo_good or 0, tm.slo_judged)
+    return Fraction(repr(tm.slo_attainment))  # no counts (a hand-made RunMetrics): its decimal
+
+
 def judge(point: Point, target: float, objective: str) -> Choice:
-    """Feasibility of one point (every tenant's mean attainment >= target) and its objective."""
+    """Feasibility of one point (every tenant's exact mean attainment >= target, ``stats.at_least``)
+    and its objective."""
     attainments = {t: point.get(t, "slo_attainment") for t in point.tenants}
-    means = {t: e.mean for t, e in attainments.items()}
-    known = {t: m for t, m in means.items() if m is not None}
+    exact = {t: point.attainment.get(t) for t in point.tenants}
+    known = {t: m for t, m in exact.items() if m is not None}
     feasible = (
-        bool(point.tenants) and len(known) == len(point.tenants) and all(m >= target for m in known.values())
+        bool(point.tenants) and len(known) == len(point.tenants) and all(at_least(m, target) for m in known.values())
     )
     worst = min(known, key=lambda t: known[t]) if known else None
     lows = [e.ci_low for e in attainments.values()]
@@ -407,7 +431,7 @@ def judge(point: Point, target: float, objective: str) -> Choice:
         point=point,
         feasible=feasible,
         objective=point.get(RUN_LEVEL, OBJECTIVE_METRIC[objective]),
-        min_attainment=None if worst is None or len(known) < len(point.tenants) else known[worst],
+        min_attainment=None if worst is None or len(known) < len(point.tenants) else float(known[worst]),
         worst_tenant=worst,
         holds_at_ci_low=holds,
     )
@@ -459,8 +483,8 @@ def rate_limits(sweep: Sweep) -> list[RateLimit]:
                 rates = [r for r, _ in members]
                 att = [p.get(tenant, "slo_attainment") for _, p in members]
                 max_rate = None
-                for rate, e in zip(rates, att, strict=True):
-                    if e.mean is None or e.mean < sweep.target:
+                for rate, p in members:
+                    if not at_least(p.attainment.get(tenant), sweep.target):
                         break
                     max_rate = rate
                 out.append(

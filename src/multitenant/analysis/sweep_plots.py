@@ -7,8 +7,10 @@ The x axis is the sweep's first split axis, else its first rate axis, else its f
 attainment: the first rate axis whenever there is one);
 points that differ on the other axes are separate lines (their values in the legend). An axis
 whose values are all numbers (a split ``70/30`` counts as its first share, 70) is numeric, any
-other is categorical in the sweep's order. Bands span each point's CI (``sweep.Estimate``); a
-point with one trial has none, so the band has a gap there.
+other is categorical in the sweep's order. Bands span each point's CI, our own Student-t
+interval over trials (``stats.estimate``), not seaborn's bootstrap; a point with one trial has
+none, so the band has a gap there. seaborn draws the mean lines (``lineplot``, ``errorbar=None``)
+and the 2-D heatmaps; legends sit right of the axes, never over the curves.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import seaborn as sns
 
 from multitenant.analysis.names import RUN_LEVEL
-from multitenant.analysis.plots import Plot, _save, plt
+from multitenant.analysis.plots import Plot, _save, legend_outside, plt, subplots
 from multitenant.analysis.stats import Estimate
 from multitenant.analysis.sweep import (
     Point,
@@ -97,7 +100,8 @@ def _band(ax: plt.Axes, xs: Sequence[float], estimates: Sequence[Estimate], colo
     lo = np.array([np.nan if e.ci_low is None else e.ci_low * scale for e in ests])
     hi = np.array([np.nan if e.ci_high is None else e.ci_high * scale for e in ests])
     keep = ~np.isnan(mean)
-    ax.plot(x[keep], mean[keep], color=color, ls=ls, marker=marker, label=label, lw=1.5, ms=5)
+    sns.lineplot(x=x[keep], y=mean[keep], ax=ax, color=color, linestyle=ls, marker=marker, label=label, lw=1.5,
+                 ms=5, errorbar=None, sort=False)  # fmt: skip
     has = ~np.isnan(lo)
     if has.any():
         ax.fill_between(x, lo, hi, where=has, color=color, alpha=0.18, lw=0, interpolate=False)
@@ -115,7 +119,6 @@ def _band(ax: plt.Axes, xs: Sequence[float], estimates: Sequence[Estimate], colo
 def _ticks(ax: plt.Axes, ticks: list[float], labels: list[str], key: str) -> None:
     ax.set_xticks(ticks, labels, rotation=30 if max((len(s) for s in labels), default=0) > 5 else 0)
     ax.set_xlabel(axis_label(key))
-    ax.grid(alpha=0.3)
 
 
 def _ci_title(sweep: Sweep) -> str:
@@ -150,7 +153,7 @@ def _curves(
 
 
 def _throughput(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: str) -> Plot | None:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = subplots(figsize=(8, 4.5))
     if not _curves(sweep, key, colors, "throughput_tok_s", ax, aggregate="gpu_throughput_tok_s"):
         plt.close(fig)
         return None
@@ -158,35 +161,45 @@ def _throughput(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: 
     _ticks(ax, ticks, labels, key)
     ax.set_ylabel("throughput (tok/s, in window)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize="small")
+    legend_outside(ax, fontsize="small")
     ax.set_title(f"throughput vs {short_key(key)} — {_ci_title(sweep)}")
     return _save(fig, out, "sweep_throughput", f"Throughput vs {short_key(key)}", fmt)
 
 
 def _latency(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: str) -> Plot | None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    """TTFT, TPOT and E2E (columns) at p50 and p99 (rows): one panel per metric and percentile,
+    so the two percentiles of a tenant never share a panel."""
+    stats = ("p50", "p99")
+    fig, axes = subplots(len(stats), 3, figsize=(15, 7.5), sharex=True)
     drawn = False
     _, ticks, labels = _positions(sweep, key)
-    for ax, metric in zip(axes, ("ttft", "tpot", "e2e"), strict=True):
-        for stat, ls in (("p50", "-"), ("p99", "--")):
-            # p50 solid, p99 dashed: one tenant keeps its colour in both.
-            drawn |= _curves(sweep, key, colors, f"{metric}_{stat}_ms", ax, ls=ls, tag=f" {stat}")
-        _ticks(ax, ticks, labels, key)
-        ax.set_ylabel(f"{metric.upper()} (ms)")
-        ax.set_ylim(bottom=0)
-        if ax.get_lines():
-            ax.legend(fontsize="x-small")
+    for r, stat in enumerate(stats):
+        for c, metric in enumerate(("ttft", "tpot", "e2e")):
+            ax = axes[r, c]
+            drawn |= _curves(sweep, key, colors, f"{metric}_{stat}_ms", ax)
+            _ticks(ax, ticks, labels, key)
+            if r < len(stats) - 1:
+                ax.set_xlabel("")
+            ax.set_ylabel(f"{metric.upper()} {stat} (ms)")
+            ax.set_ylim(bottom=0)
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
     if not drawn:
         plt.close(fig)
         return None
-    fig.suptitle(f"latency percentiles vs {short_key(key)} (p50 solid, p99 dashed) — {_ci_title(sweep)}")
+    # One legend for all panels (every panel has the same lines), right of the grid.
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False, fontsize="small")
+    fig.suptitle(f"latency percentiles vs {short_key(key)} — {_ci_title(sweep)}")
+    fig.tight_layout()
     return _save(fig, out, "sweep_latency", f"Latency vs {short_key(key)}", fmt)
 
 
 def _attainment(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: str) -> Plot | None:
     if sweep.slo is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = subplots(figsize=(8, 4.5))
     if not _curves(sweep, key, colors, "slo_attainment", ax, scale=100.0):
         plt.close(fig)
         return None
@@ -204,7 +217,7 @@ def _attainment(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: 
     _ticks(ax, ticks, labels, key)
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(0, 102)
-    ax.legend(fontsize="small")
+    legend_outside(ax, fontsize="small")
     bounds = ", ".join(f"{k} ≤ {v:g} ms" for k, v in sweep.slo.items())
     ax.set_title(f"SLO attainment ({bounds}) vs {short_key(key)} — {_ci_title(sweep)}")
     return _save(fig, out, "sweep_slo_attainment", f"SLO attainment vs {short_key(key)}", fmt)
@@ -219,7 +232,7 @@ def _tradeoff(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: st
     pts = [p for p in sweep.points if p.get(a, "np").mean is not None and p.get(b, "np").mean is not None]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = subplots(figsize=(6.5, 6))
     for p in pts:
         ea, eb = p.get(a, "np"), p.get(b, "np")
         assert ea.mean is not None and eb.mean is not None
@@ -249,8 +262,7 @@ def _tradeoff(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: st
     ax.set_ylabel(f"NP of {b}")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower left")
+    legend_outside(ax, fontsize="small")
     ax.set_title(f"NP trade-off over {short_key(key)} — {_ci_title(sweep)}")
     return _save(fig, out, "sweep_np_tradeoff", "NP trade-off (Pareto points starred)", fmt)
 
@@ -258,7 +270,7 @@ def _tradeoff(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: st
 def _stp_fairness(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: str) -> Plot | None:
     if (RUN_LEVEL, "stp") not in sweep.rows:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = subplots(1, 2, figsize=(12, 4.2))
     xs, ticks, labels = _positions(sweep, key)
     k = sweep.axes.index(key)
     for ax, metric, label in zip(
@@ -270,10 +282,17 @@ def _stp_fairness(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt
         _ticks(ax, ticks, labels, key)
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
-        if len(_groups(sweep, key)) > 1:
-            ax.legend(fontsize="small")
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
     axes[0].axhline(1.0, color="0.7", lw=0.8, ls=":")
+    # The panels differ only in the metric (their y labels): one legend of the other axes' values,
+    # right of both panels (a legend beside the left panel would sit on the right one).
+    handles, names = axes[0].get_legend_handles_labels()
+    if len(_groups(sweep, key)) > 1 and handles:
+        names = [n.removeprefix("stp").strip(" ()") for n in names]
+        fig.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False, fontsize="small")
     fig.suptitle(f"STP and fairness vs {short_key(key)} — {_ci_title(sweep)}")
+    fig.tight_layout()
     return _save(fig, out, "sweep_stp_fairness", f"STP and fairness vs {short_key(key)}", fmt)
 
 
@@ -314,22 +333,23 @@ def _heatmap(sweep: Sweep, out: Path, fmt: str) -> Plot | None:
             v = values.get(id(p))
             if v is not None:
                 grid[row[ys[p.values[1]]], col[xs[p.values[0]]]] = v
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("0.85")
-        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", origin="lower")
-        finite = grid[np.isfinite(grid)]
-        mid = float(finite.mean()) if finite.size else 0.0
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize="small",
-                    color="black" if np.isnan(v) or v > mid else "white")  # fmt: skip
-        ax.set_xticks(range(len(xticks)), xlabels)
-        ax.set_yticks(range(len(yticks)), ylabels)
+        # Rows bottom-up (the second axis grows upwards, as on the curves' y axes).
+        flipped = grid[::-1]
+        annot = np.array([["" if np.isnan(v) else f"{v:.3g}" for v in r] for r in flipped], dtype=object)
+        ax.set_facecolor("0.85")  # a point without the figure: grey, "n/a"
+        sns.heatmap(flipped, mask=np.isnan(flipped), annot=annot, fmt="", cmap="viridis", ax=ax,
+                    xticklabels=xlabels, yticklabels=ylabels[::-1], linewidths=0.5, linecolor="white",
+                    annot_kws={"fontsize": "small"})  # fmt: skip
+        for (i, j), v in np.ndenumerate(flipped):
+            if np.isnan(v):
+                ax.text(j + 0.5, i + 0.5, "n/a", ha="center", va="center", fontsize="small")
+        ax.tick_params(axis="y", rotation=0)
         ax.set_xlabel(axis_label(kx))
         ax.set_ylabel(axis_label(ky))
         ax.set_title(title)
-        fig.colorbar(image, ax=ax)
     trials = sorted({p.n_trials for p in sweep.points})
-    fig.suptitle(f"2-D sweep: means over {trials[0] if len(trials) == 1 else f'{trials[0]}–{trials[-1]}'} trial(s) per point")
+    fig.suptitle(f"2-D sweep: means over {trials[0] if len(trials) == 1 else f'{trials[0]}–{trials[-1]}'} trial(s) per point", y=1.0)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # the suptitle above the panels' titles, not on them
     return _save(fig, out, "sweep_heatmap", "2-D sweep heatmap", fmt)
 
 

@@ -5,6 +5,7 @@ summary.md section and report.html's "Sweep" section. The numbers come from ``sw
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,19 @@ import orjson
 from multitenant.analysis.names import OBJECTIVE_METRIC, RUN_LEVEL
 from multitenant.analysis.plots import Plot
 from multitenant.analysis.report import Table, _html_table, _img, _md_table, aggregate_label, fmt
-from multitenant.analysis.stats import CONFIDENCE, Estimate
+from multitenant.analysis.stats import CONFIDENCE, UNINFORMATIVE_BELOW, Estimate
 from multitenant.analysis.summary import clean
 from multitenant.analysis.sweep import Choice, Point, Sweep, short_key
 
 CI_NOTE = (
     f"± is the half-width of the {int(CONFIDENCE * 100)} % Student-t interval over trials "
-    "(mean ± t(0.975, n-1)·s/√n); a point with one trial has no interval (n=1)"
+    "(mean ± t(0.975, n-1)·s/√n); [low, high] where it is clipped to the metric's possible range "
+    "(a proportion to 0–100 %, anything else at 0); a point with one trial has no interval (n=1), "
+    "one with two an uninformative one (n=2: t = 12.7)"
 )
 TERMINAL_CI_NOTE = (
-    f"±: half-width of the {int(CONFIDENCE * 100)} % Student-t CI over trials (t(0.975, n-1)·s/√n); "
-    "¹: one trial, no CI"
+    f"±: half-width of the {int(CONFIDENCE * 100)} % Student-t CI over trials (t(0.975, n-1)·s/√n), "
+    "[low,high] where clipped to the possible range; ¹: one trial, no CI; ²: two trials, CI uninformative"
 )
 
 
@@ -37,10 +40,13 @@ def estimate_dict(e: Estimate) -> dict[str, Any]:
 
 
 def single_trial_note(point: Point) -> str | None:
+    """Why a point's intervals say little: none (one trial), or too wide to read (two)."""
     if point.n_trials == 1:
         return "1 trial: no confidence interval"
     if point.n_trials == 0:
         return "no run that counts: no estimates"
+    if point.n_trials < UNINFORMATIVE_BELOW:
+        return f"{point.n_trials} trials: confidence interval uninformative (t(0.975, 1) = 12.7)"
     return None
 
 
@@ -90,7 +96,8 @@ def sweep_dict(sweep: Sweep) -> dict[str, Any]:
         "axes": sweep.axes,
         "tenants": sweep.tenants,
         "run_level": RUN_LEVEL,
-        "ci": f"{int(CONFIDENCE * 100)} % Student t over trials: mean ± t(0.975, n-1)·s/√n, s the sample std (n-1); none for n = 1",
+        "ci": f"{int(CONFIDENCE * 100)} % Student t over trials: mean ± t(0.975, n-1)·s/√n, s the sample std (n-1), "
+        "clipped to the metric's possible range (proportions [0, 1], others >= 0); none for n = 1, uninformative for n = 2",
         "points": points,
         "slo_ms": sweep.slo,
         "slo_target": sweep.target if sweep.slo is not None else None,
@@ -136,15 +143,17 @@ def sweep_dict(sweep: Sweep) -> dict[str, Any]:
 
 def csv_rows(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
     """sweep.csv: one row per point x tenant x metric (the axes as columns, then tenant, metric,
-    n_trials, mean, std, ci_low, ci_high); n_trials counts the trials where the metric is defined."""
-    header = [*sweep.axes, "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high"]
+    n_trials, mean, std, ci_low, ci_high, note); n_trials counts the trials where the metric is
+    defined; note says when the point's intervals are missing or uninformative (fewer than 3 trials)."""
+    header = [*sweep.axes, "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high", "note"]
     rows: list[list[Any]] = []
     for p in sweep.points:
+        note = single_trial_note(p) or ""
         for tenant, metric in sweep.rows:
             if tenant != RUN_LEVEL and tenant not in p.tenants:
                 continue
             e = p.get(tenant, metric)
-            rows.append([*p.values, tenant, metric, e.n, e.mean, e.std, e.ci_low, e.ci_high])
+            rows.append([*p.values, tenant, metric, e.n, e.mean, e.std, e.ci_low, e.ci_high, note])
     return header, rows
 
 
@@ -177,10 +186,15 @@ def cell(e: Estimate, digits: int = 1, percent: bool = False, compact: bool = Fa
     scale = 100.0 if percent else 1.0
     unit = " %" if percent and not compact else ""
     text = fmt(e.mean * scale, digits)
-    if e.half_width is None:
+    if e.half_width is None or e.ci_low is None or e.ci_high is None:
         return f"{text}{unit}" + (" (n=1)" if not compact else "¹")
+    mark = ("²" if compact else " (n=2)") if e.n < UNINFORMATIVE_BELOW else ""
+    if not math.isclose(e.mean - e.ci_low, e.ci_high - e.mean, rel_tol=1e-9, abs_tol=1e-12):
+        # Clipped to the possible range: the interval is no longer mean ± one half-width.
+        sep = "," if compact else ", "
+        return f"{text} [{fmt(e.ci_low * scale, digits)}{sep}{fmt(e.ci_high * scale, digits)}]{unit}{mark}"
     pm = "±" if compact else " ± "
-    return f"{text}{pm}{fmt(e.half_width * scale, digits)}{unit}"
+    return f"{text}{pm}{fmt(e.half_width * scale, digits)}{unit}{mark}"
 
 
 def _throughput_label(sweep: Sweep) -> str:
@@ -318,10 +332,16 @@ def cost_lines(sweep: Sweep) -> list[str]:
 def notes(sweep: Sweep) -> list[str]:
     """Points without an interval, and what the axes are."""
     out = []
-    single = [p.label(sweep.axes) for p in sweep.points if single_trial_note(p) is not None]
+    single = [p.label(sweep.axes) for p in sweep.points if p.n_trials < 2]
     if single:
         out.append(
             f"{len(single)} point(s) without a confidence interval (fewer than 2 trials): {'; '.join(single)}"
+        )
+    two = [p.label(sweep.axes) for p in sweep.points if 2 <= p.n_trials < UNINFORMATIVE_BELOW]
+    if two:
+        out.append(
+            f"{len(two)} point(s) with an uninformative interval (2 trials: t(0.975, 1) = 12.7; run trials>=3): "
+            + "; ".join(two)
         )
     if not sweep.axes:
         out.append("no override differs between the runs: they are one point")
@@ -364,8 +384,8 @@ def print_best(sweep: Sweep, console: Any) -> None:
         console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
-def markdown(sweep: Sweep) -> str:
-    parts = ["## Sweep", "", f"- axes: {', '.join(f'`{k}`' for k in sweep.axes) or 'none'}", f"- {CI_NOTE}"]
+def markdown(sweep: Sweep, title: str = "Sweep") -> str:
+    parts = [f"## {title}", "", f"- axes: {', '.join(f'`{k}`' for k in sweep.axes) or 'none'}", f"- {CI_NOTE}"]
     parts += [f"- {line}" for line in notes(sweep) + rate_lines(sweep) + cost_lines(sweep)]
     parts += ["", _md_table(sweep_table(sweep)), ""]
     if lines := best_lines(sweep):
@@ -375,9 +395,9 @@ def markdown(sweep: Sweep) -> str:
     return "\n".join(parts) + "\n"
 
 
-def html_section(sweep: Sweep, plots: Sequence[Plot]) -> str:
+def html_section(sweep: Sweep, plots: Sequence[Plot], title: str = "Sweep") -> str:
     esc = html.escape
-    out = ["<h2>Sweep</h2>"]
+    out = [f"<h2>{esc(title)}</h2>"]
     if lines := best_lines(sweep):
         style = "best" if sweep.best is not None else "banner"
         out.append(f'<p class="{style}">{esc(lines[0])}</p>' + "".join(f"<p>{esc(x)}</p>" for x in lines[1:]))

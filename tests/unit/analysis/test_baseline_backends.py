@@ -98,8 +98,11 @@ def test_openai_tenants_differing_in_extra_body_do_not_match(tmp_path: Path) -> 
 def test_hf_spec_keeps_exactly_its_old_keys(tmp_path: Path) -> None:
     # An hf tenant whose config also carries (unused) vllm and openai blocks, as config.py now writes.
     co = pair(tmp_path, vllm=VLLM, openai=OPENAI, workload=default_workload(start_delay_s=0.5))
-    workload = default_workload()
-    del workload["start_delay_s"]
+    # The workload's dataset lengths and arrival process only (schema.WORKLOAD_IDENTITY).
+    workload = {
+        "dataset": {"kind": "random", "input_len": 16, "output_len": 4, "range_ratio": 0.0, "path": None},
+        "arrival": {"kind": "closed", "concurrency": 1, "rate": None, "burstiness": 1.0},
+    }
     expected = {
         "model": "synthetic:llama-tiny", "backend": "hf", "execution": "eager", "dtype": "float32",
         "task": "generate", "max_batch": 8, "workload": workload,

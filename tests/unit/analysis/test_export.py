@@ -42,6 +42,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(HAND / "pair"),
         "--baseline",
         str(HAND / "solo_alpha"),
+        "--baseline",
         str(HAND / "solo_beta"),
         "--out",
         str(out),
@@ -175,7 +176,7 @@ def test_compare_with_our_own_export_is_zero_everywhere(exported: Path, pair: Ru
 
 
 def test_compare_cli_prints_the_table(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [str(HAND / "pair"), "--baseline", str(HAND / "solo_alpha"), str(HAND / "solo_beta"),
+    argv = [str(HAND / "pair"), "--baseline", str(HAND / "solo_alpha"), "--baseline", str(HAND / "solo_beta"),
             "--out", str(exported / "again"), "--compare", str(exported / "vllm-bench" / "pair__beta.json")]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

@@ -152,7 +152,9 @@ def test_baseline_matching_rules(tmp_path: Path) -> None:
         _solo(tmp_path, "new", "2026-11-21T00:00:00+00:00").write(),
         _solo(tmp_path, "failed", "2026-11-22T00:00:00+00:00", status="failed").write(),
         _solo(tmp_path, "gpu", "2026-11-22T00:00:00+00:00", gpu=GPU).write(),
-        _solo(tmp_path, "longer", "2026-11-22T00:00:00+00:00", workload=default_workload(duration_s=9.0)).write(),
+        _solo(tmp_path, "longer", "2026-11-22T00:00:00+00:00", workload=default_workload(
+            dataset={"kind": "random", "input_len": 16, "output_len": 8, "range_ratio": 0.0, "path": None, "seed": 0},
+        )).write(),
         _solo(tmp_path, "batch", "2026-11-22T00:00:00+00:00", max_batch=4).write(),
     ])  # fmt: skip
     # x differs from the solos only in start_delay_s (ignored); the GPU (null) must match null;

@@ -101,13 +101,15 @@ def test_csv_rows_hold_the_axes_tenant_metric_and_interval(tmp_path: Path) -> No
     for i, (split, n) in enumerate((("70/30", 3), ("70/30", 5), ("50/50", 1))):
         job(sweep, f"job{i}", [f"split={split}"], {"a": (n, 0), "b": (1, 0)}, trial=i // 2)
     header, rows = csv_rows(sweep_of(sweep))
-    assert header == ["split", "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high"]
+    assert header == ["split", "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high", "note"]
     by = {(r[0], r[1], r[2]): r for r in rows}
-    # 70/30: a at 20 and 30 tok/s: mean 25, s = 7.0711, half = t_{0.975,1} * s / sqrt(2) = 12.7062 * 5 = 63.53
+    # 70/30: a at 20 and 30 tok/s: mean 25, s = 7.0711, half = t_{0.975,1} * s / sqrt(2) = 12.7062 * 5 = 63.53;
+    # the low end, 25 - 63.53, is below any throughput: clipped at 0.
     r = by[("70/30", "a", "throughput_tok_s")]
-    assert r[3:6] == [2, 25.0, pytest.approx(math.sqrt(50))] and r[6] == pytest.approx(25 - 63.531, abs=1e-3), r
+    assert r[3:6] == [2, 25.0, pytest.approx(math.sqrt(50))] and r[6] == 0.0, r
+    assert r[7] == pytest.approx(25 + 63.531, abs=1e-3) and "uninformative" in r[8], r
     single = by[("50/50", "a", "throughput_tok_s")]
-    assert single[3:] == [1, 10.0, None, None, None], "one trial: a mean, no interval"
+    assert single[3:] == [1, 10.0, None, None, None, "1 trial: no confidence interval"], "one trial: a mean, no interval"
     assert ("50/50", RUN_LEVEL, "gpu_throughput_tok_s") in by
     assert ("50/50", "a", "np") not in by, "no run has an NP (no baselines): no NP rows"
 
@@ -263,3 +265,30 @@ def test_the_same_run_copied_into_two_folders_counts_once(tmp_path: Path) -> Non
     result = sweep_of(sweep, tmp_path / "copy")
     assert [p.n_trials for p in result.points] == [1, 1]
     assert sum("are the same run" in w for w in result.warnings) == 2, result.warnings
+
+
+# --- a mean exactly at the target (issue 16, item 1) ----------------------------------------
+
+
+def test_a_mean_exactly_at_the_target_is_feasible_and_stored_exactly(tmp_path: Path) -> None:
+    sweep = sweep_dir(tmp_path)
+    # 90/10: b attains 100, 100, 80, 80 % over four trials: exactly 90 %, though numpy's mean of
+    # the floats is 0.8999999999999999. 70/30 meets the target with fewer tokens.
+    for trial, slow in enumerate((0, 0, 2, 2)):
+        job(sweep, f"job{trial}", ["split=90/10"], {"a": (5, 0), "b": (3, slow)}, trial=trial)
+        job(sweep, f"job{4 + trial}", ["split=70/30"], {"a": (3, 0), "b": (3, 0)}, trial=trial)
+    result = sweep_of(sweep, slo=SLO)
+    at_target = point(result, split="90/10")
+    assert at_target.get("b", "slo_attainment").mean == 0.9
+    assert at_target.feasible is True
+    assert result.best is not None and result.best.point.values == ("90/10",)
+
+
+def test_a_rate_whose_mean_attainment_equals_the_target_is_sustained(tmp_path: Path) -> None:
+    sweep = sweep_dir(tmp_path)
+    key = "tenants.b.workload.arrival.rate"
+    for trial, slow in enumerate((0, 0, 2, 2)):
+        job(sweep, f"job{trial}", [f"{key}=2"], {"b": (3, 0)}, trial=trial)
+        job(sweep, f"job{4 + trial}", [f"{key}=4"], {"b": (3, slow)}, trial=trial)
+    limits = {r.tenant: r.max_rate for r in sweep_of(sweep, slo=SLO).rate_limits}
+    assert limits == {"b": 4.0}

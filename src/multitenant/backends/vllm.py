@@ -260,7 +260,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def build(ctx: EngineContext) -> VllmEngine:
-    """The engine of one tenant (``Backend.build``)."""
+    """The engine of one tenant (the factory its declaration's ``engine`` names)."""
     t = ctx.tenant
     return VllmEngine(
         model=t.model,

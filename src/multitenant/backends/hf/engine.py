@@ -79,7 +79,7 @@ WARMUP_OUTPUT_LEN = 3
 
 
 def build(ctx: EngineContext) -> HFEngine:
-    """The engine of one tenant (``Backend.build``); its graph buckets fit the arrival process."""
+    """The engine of one tenant (the factory ``HF.engine`` names); its graph buckets fit the arrival process."""
     t = ctx.tenant
     return HFEngine(
         model=t.model,

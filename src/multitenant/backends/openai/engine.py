@@ -59,7 +59,7 @@ INFO_TIMEOUT_S = 10.0  # GET /v1/models, /version after the server is healthy
 
 
 def build(ctx: EngineContext) -> OpenAIEngine:
-    """The engine of one tenant (``Backend.build``)."""
+    """The engine of one tenant (the factory its declaration's ``engine`` names)."""
     options = ctx.options if ctx.options is not None else OpenAIOptions()
     return OpenAIEngine(options, ctx.tenant.model, ctx.tenant.dtype, ctx.device, ctx.tenant_dir)
 

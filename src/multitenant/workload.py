@@ -51,6 +51,14 @@ def length_bounds(mean_len: int, range_ratio: float) -> tuple[int, int]:
     return lo, hi
 
 
+def max_lengths(dataset: DatasetConfig, jsonl: list[tuple[np.ndarray, int]] | None = None) -> tuple[int, int]:
+    """Largest (input, output) length, in tokens, a dataset can produce: what sizes static KV
+    caches and vLLM's max_model_len. ``jsonl``: the prompts of a jsonl dataset, as read."""
+    if jsonl is not None:
+        return max(p.size for p, _ in jsonl), max(n for _, n in jsonl)
+    return length_bounds(dataset.input_len, dataset.range_ratio)[1], length_bounds(dataset.output_len, dataset.range_ratio)[1]
+
+
 class RequestSource:
     """Yields requests of one tenant in order: deterministic for a given dataset config.
 
@@ -78,15 +86,6 @@ class RequestSource:
         self._ready: collections.deque[RequestSpec] = collections.deque()
         self._next_rid = 0
         self._jsonl_pos = 0
-
-    def max_lengths(self) -> tuple[int, int]:
-        """Largest (input, output) length this source can produce: sizes static KV caches."""
-        if self._jsonl is not None:
-            return max(p.size for p, _ in self._jsonl), max(n for _, n in self._jsonl)
-        return (
-            length_bounds(self.dataset.input_len, self.dataset.range_ratio)[1],
-            length_bounds(self.dataset.output_len, self.dataset.range_ratio)[1],
-        )
 
     def prefetch(self, n: int) -> None:
         """Build requests until at least ``n`` are waiting to be taken."""

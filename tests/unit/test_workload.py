@@ -16,6 +16,7 @@ from multitenant.workload import (
     arrival_gaps_s,
     length_bounds,
     load_jsonl_prompts,
+    max_lengths,
     open_loop_schedule,
 )
 
@@ -75,7 +76,7 @@ def test_random_lengths_within_bounds() -> None:
     assert all(50 <= r.n_in <= 150 and 10 <= r.n_out <= 30 for r in reqs)
     assert min(r.n_in for r in reqs) < 60 and max(r.n_in for r in reqs) > 140
     assert all(0 <= i < 1000 for r in reqs for i in r.prompt_ids)
-    assert src.max_lengths() == (150, 30)
+    assert max_lengths(ds) == (150, 30)
     again = RequestSource(ds, vocab_size=1000)
     assert [again.next().prompt_ids.tolist() for _ in range(5)] == [r.prompt_ids.tolist() for r in reqs[:5]]
     assert all(r.prompt_ids.dtype == np.int64 for r in reqs)
@@ -110,7 +111,7 @@ def test_jsonl_dataset(tmp_path: Path) -> None:
     src = RequestSource(DatasetConfig(**{"kind": "jsonl", "path": str(p), "output_len": 5, "seed": 0}), vocab_size=10)
     got = [src.next() for _ in range(3)]
     assert [(r.prompt_ids.tolist(), r.n_out) for r in got] == [([1, 2, 3], 5), ([4], 7), ([1, 2, 3], 5)]
-    assert src.max_lengths() == (3, 7)
+    assert max_lengths(src.dataset, load_jsonl_prompts(p, 5, 10)) == (3, 7)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from multitenant.config.schema import (
 from multitenant.config.units import device_index, parse_mem_bytes, parse_pinned_mem_limit, resolve_cache_dir
 from multitenant.models import SYNTHETIC_PREFIX, arch_config, check_model_name, is_encoder
 from multitenant.schema import baseline_identity
-from multitenant.workload import length_bounds, load_jsonl_prompts
+from multitenant.workload import load_jsonl_prompts, max_lengths
 
 TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Tenants send a progress message every 0.5 s: a shorter hang_timeout_s would call healthy
@@ -340,7 +340,7 @@ def _max_lengths(w: str, t: TenantConfig) -> tuple[int, int]:
     models' vocabularies are only known once the tenant loads the model's config)."""
     ds = t.workload.dataset
     if ds.kind != "jsonl":
-        return length_bounds(ds.input_len, ds.range_ratio)[1], length_bounds(ds.output_len, ds.range_ratio)[1]
+        return max_lengths(ds)
     vocab = 2**63 - 1
     if t.model.startswith(SYNTHETIC_PREFIX):
         with contextlib.suppress(Exception):  # an unknown arch is reported by check_model_name
@@ -350,7 +350,7 @@ def _max_lengths(w: str, t: TenantConfig) -> tuple[int, int]:
         prompts = load_jsonl_prompts(Path(ds.path), ds.output_len, vocab)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise fail(f"{w}.path", str(e).replace(";", ","), "fix the file or point dataset.path at another") from None
-    return max(p.size for p, _ in prompts), max(n for _, n in prompts)
+    return max_lengths(ds, prompts)
 
 
 def _validate_lengths(w: str, t: TenantConfig, max_in: int, max_out: int) -> None:

@@ -46,6 +46,7 @@ CONFIG_DIR_ENV = "MT_CONFIG_DIR"
 
 _exit_codes: list[int] = []
 _task_calls: list[str] = []  # one entry per job Hydra started
+_job_status: list[tuple[Path, str]] = []  # (run dir, status) of every job that ran in this process
 log = logging.getLogger("multitenant")
 
 
@@ -128,6 +129,7 @@ def run_experiment_task(cfg: Any) -> int:
         with LiveProgress(title, enabled=config.progress) as progress:
             orch.progress = progress
             status = orch.run()
+            progress.finish(orch, status)
     except RunFailed as e:  # refused before anything started (existing run)
         _fail_config(str(e))
         return EXIT_CONFIG
@@ -135,6 +137,7 @@ def run_experiment_task(cfg: Any) -> int:
     print(f"mt-run: {status}: {run_dir}" + (f" — {reason}" if reason else ""), file=sys.stderr, flush=True)
     code = STATUS_EXIT_CODES[status]
     _exit_codes.append(code)
+    _job_status.append((run_dir, status))
     if status == RunStatus.INTERRUPTED:
         raise KeyboardInterrupt  # stop a sweep too; the run itself is already cleaned up
     return code
@@ -288,7 +291,19 @@ def run_main() -> None:
         if code != EXIT_OK:
             print(f"mt-run: a job did not end ok; the launcher's job logs: {callback.sweep_dir / '.submitit'}", file=sys.stderr)
         sys.exit(code)
+    if callback.sweep_dir is not None and _task_calls:
+        print(sweep_line(callback.sweep_dir, _job_status, len(_task_calls)), file=sys.stderr, flush=True)
     sys.exit(max(_exit_codes) if _exit_codes else EXIT_OK)
+
+
+def sweep_line(sweep_dir: Path, jobs: list[tuple[Path, str]], started: int) -> str:
+    """The sweep's last line: its folder, how many jobs ended ok, and which did not."""
+    ok = sum(1 for _, status in jobs if status == RunStatus.OK)
+    others = [f"{run_dir.name} {status}" for run_dir, status in jobs if status != RunStatus.OK]
+    refused = started - len(jobs)
+    if refused:
+        others.append(f"{refused} refused by validation")
+    return f"mt-run: sweep {sweep_dir}: {ok}/{started} jobs ok" + (f" ({', '.join(others)})" if others else "")
 
 
 if __name__ == "__main__":

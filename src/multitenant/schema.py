@@ -381,6 +381,14 @@ class ReadyMsg:
 
 
 @dataclass
+class WarmupMsg:
+    """Tenant -> orchestrator: loaded in ``load_s``; compiling, capturing, serving warm-up requests."""
+
+    kind: ClassVar[str] = "warmup"
+    load_s: float
+
+
+@dataclass
 class ProgressMsg:
     """Tenant -> orchestrator, every 0.5 s of its measured phase: counts so far at ``t``."""
 
@@ -422,12 +430,12 @@ class StopCmd:
     kind: ClassVar[str] = "stop"
 
 
-TENANT_MESSAGES: dict[str, type] = {m.kind: m for m in (ReadyMsg, ProgressMsg, ErrorMsg, FinishedMsg)}
+TENANT_MESSAGES: dict[str, type] = {m.kind: m for m in (WarmupMsg, ReadyMsg, ProgressMsg, ErrorMsg, FinishedMsg)}
 COMMANDS: dict[str, type] = {m.kind: m for m in (WindowCmd, StopCmd)}
 MESSAGE_KEY = "msg"  # tenant -> orchestrator lines: {"msg": kind, ...fields}
 COMMAND_KEY = "cmd"  # orchestrator -> tenant lines: {"cmd": kind, ...fields}
 
-Message = ReadyMsg | ProgressMsg | ErrorMsg | FinishedMsg
+Message = WarmupMsg | ReadyMsg | ProgressMsg | ErrorMsg | FinishedMsg
 Command = WindowCmd | StopCmd
 
 

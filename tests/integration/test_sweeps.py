@@ -39,6 +39,7 @@ def test_trials_run_every_point_once_per_trial_in_interleaved_order(tmp_path: Pa
         tmp_path,
     )  # no -m: trials=2 makes it a sweep
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == f"mt-run: sweep {sweep}: 4/4 jobs ok", "the sweep ends with its folder and tally"
     order = []
     for job in jobs(sweep):
         m = json.loads((job / "manifest.json").read_text())

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -142,3 +143,26 @@ def test_final_counts_keep_a_rate_over_the_whole_measured_phase() -> None:
     tp.on_message(FinishedMsg(status="ok", counts=Counts(tokens=1000, requests=10)))
     assert tp.final_status == "ok"
     assert rate_text(tp) == "100.0 tok/s"
+
+
+def test_a_sweep_ends_with_its_folder_and_how_many_jobs_ended_ok(tmp_path: Path) -> None:
+    from multitenant.cli import sweep_line
+
+    jobs = [(tmp_path / "job0", "ok"), (tmp_path / "job1", "failed"), (tmp_path / "job2", "ok")]
+    assert sweep_line(tmp_path, jobs, 4) == f"mt-run: sweep {tmp_path}: 2/4 jobs ok (job1 failed, 1 refused by validation)"
+    assert sweep_line(tmp_path, jobs[:1], 1) == f"mt-run: sweep {tmp_path}: 1/1 jobs ok"
+
+
+def test_outside_a_terminal_the_last_line_has_every_tenants_final_counts_and_their_moment() -> None:
+    from multitenant.schema import Counts
+
+    console = Console(file=io.StringIO(), force_terminal=False, width=200)
+    a = tenant({"t": 105 * S, "tokens": 500, "requests": 5})
+    a.state, a.final_status, a.counts = "finished", "ok", Counts(tokens=1000, requests=10)
+    a.progress_t_ns = 110 * S
+    orch = SimpleNamespace(tenants={"a": a}, window=(100 * S, 110 * S))
+    with LiveProgress("pair (cpu)", console=console) as live:
+        live.finish(orch, "ok")  # type: ignore[arg-type]
+    out = console.file.getvalue().strip().splitlines()  # type: ignore[attr-defined]
+    assert len(out) == 1 and out[0].startswith("[pair (cpu)] ok: window of 10 s closed"), out
+    assert "a: finished, 10 req, 1000 tok at +10.0 s, 100.0 tok/s" in out[0], out

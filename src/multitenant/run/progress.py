@@ -95,8 +95,25 @@ class LiveProgress:
         now = time.monotonic()
         if now - self._last_log >= self.log_every_s:
             self._last_log = now
-            parts = [f"{n}: {s}, {q} req, {k} tok" + (f", {r}" if r else "") for n, s, q, k, r in rows]
-            self.console.print(f"[{self.title}] {self._window_text(orch)} | " + " | ".join(parts), markup=False, highlight=False, soft_wrap=True)
+            self._print_line(orch)
+
+    def _print_line(self, orch: Orchestrator, prefix: str = "") -> None:
+        """One plain line: each tenant's state and counts, and when its counts were taken
+        (seconds into its own window: tenants report at their own moments)."""
+        parts = []
+        for (name, state, reqs, toks, rate), tp in zip(self._rows(orch), orch.tenants.values(), strict=True):
+            part = f"{name}: {state}, {reqs} req, {toks} tok"
+            if (at := counts_age_text(tp)) is not None:
+                part += f" at {at}"
+            parts.append(part + (f", {rate}" if rate else ""))
+        text = f"[{self.title}] {prefix}{self._window_text(orch)} | " + " | ".join(parts)
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def finish(self, orch: Orchestrator, status: str) -> None:
+        """The run's last line outside a terminal: every tenant's final counts over its whole
+        measured phase (the last periodic line can be seconds old)."""
+        if self.enabled and self._live is None:
+            self._print_line(orch, prefix=f"{status}: ")
 
 
 def state_text(state: str, final_status: str | None) -> str:
@@ -120,6 +137,13 @@ def rate_text(tp: TenantProc) -> str:
     if tp.tenant.config.task == "forward":
         return f"{tp.counts.requests / elapsed_s:.1f} seq/s"
     return f"{tp.counts.tokens / elapsed_s:.1f} tok/s"
+
+
+def counts_age_text(tp: TenantProc) -> str | None:
+    """When the tenant's shown counts were taken, in seconds into its own window (``+4.5 s``)."""
+    if tp.window is None or tp.progress_t_ns is None or tp.progress_t_ns < tp.window[0]:
+        return None
+    return f"+{(tp.progress_t_ns - tp.window[0]) / 1e9:.1f} s"
 
 
 def window_text(window: tuple[int, int | None] | None, now_ns: int) -> str:

@@ -11,7 +11,7 @@ log and to the orchestrator) -> wait for the window announcement -> ``window`` -
 measured stream until its stop condition -> ``run_end``.
 
 Control channel (JSON lines over two pipes, ``schema``'s message types): tenant -> orchestrator
-``ReadyMsg``, ``ProgressMsg``, ``ErrorMsg``, ``FinishedMsg``; orchestrator -> tenant
+``WarmupMsg``, ``ReadyMsg``, ``ProgressMsg``, ``ErrorMsg``, ``FinishedMsg``; orchestrator -> tenant
 ``WindowCmd`` {t0, t1} and ``StopCmd``. End-of-file on the command pipe means the orchestrator
 is gone: the tenant stops as on SIGTERM, so it never outlives it.
 
@@ -70,6 +70,7 @@ from multitenant.schema import (
     RequestStatus,
     StopCmd,
     TenantStatus,
+    WarmupMsg,
     WindowCmd,
     decode_command,
     encode,
@@ -355,6 +356,8 @@ def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Eve
         t_load = time.monotonic_ns()
         engine.load()
         load_s = (time.monotonic_ns() - t_load) / 1e9
+        if ctl is not None:
+            ctl.send(WarmupMsg(load_s=load_s))
         t_warm = time.monotonic_ns()
         engine.warmup()
         source = RequestSource(wl.dataset, vocab_size=engine.vocab_size)

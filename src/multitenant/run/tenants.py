@@ -2,7 +2,7 @@
 
 A tenant is ``python -m multitenant.run.tenant`` in its own session (a whole process group can
 be stopped, and the terminal's Ctrl-C does not reach it), with two pipes: commands to it
-(``schema.WindowCmd``, ``StopCmd``) and messages from it (``ReadyMsg``, ``ProgressMsg``,
+(``schema.WindowCmd``, ``StopCmd``) and messages from it (``WarmupMsg``, ``ReadyMsg``, ``ProgressMsg``,
 ``ErrorMsg``, ``FinishedMsg``), one JSON line each.
 """
 
@@ -19,10 +19,20 @@ from pathlib import Path
 
 from multitenant.config.validate import Tenant
 from multitenant.run.spec import TenantSpec
-from multitenant.schema import Command, Counts, ErrorMsg, FinishedMsg, Message, ProgressMsg, ReadyMsg, encode
+from multitenant.schema import (
+    Command,
+    Counts,
+    ErrorMsg,
+    FinishedMsg,
+    Message,
+    ProgressMsg,
+    ReadyMsg,
+    WarmupMsg,
+    encode,
+)
 
 # A tenant's state as the orchestrator sees it.
-LOADING, READY, RUNNING, FINISHED, FAILED = "loading", "ready", "running", "finished", "failed"
+LOADING, WARMING_UP, READY, RUNNING, FINISHED, FAILED = "loading", "warming up", "ready", "running", "finished", "failed"
 
 
 @dataclass
@@ -83,7 +93,9 @@ class TenantProc:
     def on_message(self, msg: Message) -> None:
         """Update what the orchestrator knows from one message."""
 
-        if isinstance(msg, ReadyMsg):
+        if isinstance(msg, WarmupMsg):
+            self.state = WARMING_UP
+        elif isinstance(msg, ReadyMsg):
             self.state = READY
             self.ready = msg
         elif isinstance(msg, ProgressMsg):

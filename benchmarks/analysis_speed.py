@@ -10,7 +10,7 @@ times, separately and ``--repeats`` times each:
   * plots: every per-run figure (``plot_run``);
   * outputs: summary.json + requests.csv + summary.md + report.html.
 
-Goal (issue #4) on the 2-core development machine: load + metrics <= 2 s, plots <= 10 s.
+Goal on the 2-core development machine: load + metrics <= 2 s, plots <= 10 s.
 Prints a table and writes JSON (``--out``).
 
     python benchmarks/analysis_speed.py --out /tmp/analysis_speed.json

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end evidence on a GPU machine: real mt-run, real MPS, real tenants.
 #
-#   OUT=/tmp/out bash scripts/gpu_validation.sh spine    # issue 2: eager Llama-1B pair, timeslice
+#   OUT=/tmp/out bash scripts/gpu_validation.sh spine    # eager Llama-1B pair, timeslice
 #   OUT=/tmp/out bash scripts/gpu_validation.sh solo     # solo graphs tenant: timeslice, MPS 100/50/25 %
 #   OUT=/tmp/out bash scripts/gpu_validation.sh pair     # pair sweep 100/100,50/50,70/30 (Hydra multirun),
 #                                                        # the pair in timeslice, a tenant killed mid-window
-#   OUT=/tmp/out bash scripts/gpu_validation.sh vllm     # issue 8: solo vLLM, the vLLM pair in timeslice,
+#   OUT=/tmp/out bash scripts/gpu_validation.sh vllm     # solo vLLM, the vLLM pair in timeslice,
 #                                                        # MPS 100/100 and a 70/30,50/50 split sweep
 #   OUT=/tmp/out bash scripts/gpu_validation.sh openai   # `vllm serve` tenants: solo, the pair under MPS;
 #                                                        # then benchmarks/vllm_overhead.py
 #   OUT=/tmp/out bash scripts/gpu_validation.sh hf_vllm  # solo/llama1b, then hf_vs_vllm under MPS
-#   OUT=/tmp/out bash scripts/gpu_validation.sh sweep    # issue 10: prime the cache, then the cost
+#   OUT=/tmp/out bash scripts/gpu_validation.sh sweep    # prime the cache, then the cost
 #                                                        # of a 5-point split sweep, 30 s windows
-#   OUT=/tmp/out bash scripts/gpu_validation.sh trials   # issue 10: solo + 5-point split sweep, trials=3
+#   OUT=/tmp/out bash scripts/gpu_validation.sh trials   # solo + 5-point split sweep, trials=3
 #                                                        # (trials_solo, trials_sweep: one of them)
 # vLLM phases need vLLM importable: VLLM_WHEELS=DIR holding the joined vllm wheel and deps/ (see
 # ../shared/gpu/pack_vllm_wheels.sh) installs it into /tmp/vsite first.

@@ -1,4 +1,4 @@
-"""Per-tenant event log, schema v1 (see DESIGN.md, "Event log").
+"""Per-tenant event log, schema v1 (docs/design.md, "The event log").
 
 One JSON object per line: ``{"t": <int ns of time.monotonic_ns()>, "ev": <kind>, ...fields}``.
 ``t`` is CLOCK_MONOTONIC, shared by every process of one host, so the logs of co-located

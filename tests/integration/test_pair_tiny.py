@@ -64,7 +64,7 @@ def test_pair_tiny_end_to_end(tmp_path: Path, mt_env: dict[str, str]) -> None:
     res = mt_run(["--config-name", "multitenant/pair_tiny", f"hydra.run.dir={run_dir}", *SHORT], mt_env, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert time.monotonic() - t_start < 60, "pair_tiny runs in under a minute"
-    # Folder contract (DESIGN.md).
+    # Folder contract (docs/design.md).
     for rel in (".hydra/config.yaml", ".hydra/overrides.yaml", "config.resolved.yaml", "manifest.json", "telemetry.jsonl"):
         assert (run_dir / rel).is_file(), rel
     m = json.loads((run_dir / "manifest.json").read_text())

@@ -6,7 +6,7 @@ Stages, data flowing one way (each module one job; none imports a later stage):
    ``parse`` (the ``events.jsonl`` parser, with ``tokblock``'s vectorised ``tok`` lines, and the
    ``telemetry.jsonl`` parser) into ``columns`` (``TenantLog``, ``Telemetry``) -> ``load``
    (``RunData``: the typed ``schema.Manifest``, config.resolved.yaml, the columns).
-2. Metrics (DESIGN.md's definitions, names in ``names``): ``requests`` (the per-request table and
+2. Metrics (docs/design.md's definitions, names in ``names``): ``requests`` (the per-request table and
    the latency sample) -> ``metrics`` (per tenant and per run: windows, throughput, latency
    statistics from ``stats``, SLO attainment; ``window_cut`` says which tenant set the window
    and why) -> ``baselines`` (solo baseline matching by

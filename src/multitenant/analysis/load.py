@@ -1,6 +1,6 @@
 """Stage 1 of ``mt-analyze``: run folders -> ``RunData`` (typed manifest, config, columns).
 
-A run folder is recognised by its ``manifest.json`` (DESIGN.md, "Experiment folder";
+A run folder is recognised by its ``manifest.json`` (docs/design.md, "The experiment folder";
 ``discover``). For each run this module reads the manifest (``schema.Manifest``),
 ``config.resolved.yaml``, every ``tenants/<name>/events.jsonl`` and ``telemetry.jsonl``
 (``parse``) and keeps them as numpy columns (``columns``): nothing here computes a metric. On

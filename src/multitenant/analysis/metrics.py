@@ -1,4 +1,4 @@
-"""Stage 2 of ``mt-analyze``: columns -> the per-tenant and per-run metrics of DESIGN.md
+"""Stage 2 of ``mt-analyze``: columns -> the per-tenant and per-run metrics of docs/design.md
 ("Metric definitions"); the per-request metrics are ``requests``', the baseline-dependent ones
 (NP, slowdowns, STP, ...) ``baselines``'.
 

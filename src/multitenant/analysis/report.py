@@ -100,7 +100,7 @@ def run_tables(rm: RunMetrics) -> list[Table]:
             ["window", window],
             ["window cut", rm.window_cut["text"] if rm.window_cut else "–"],
             [f"{aggregate_label(rm)} throughput (tok/s, in window)", fmt(rm.gpu_throughput_tok_s)],
-            [f"{aggregate_label(rm)} throughput, naive (tok/s, seed study)", fmt(rm.gpu_throughput_naive_tok_s)],
+            [f"{aggregate_label(rm)} throughput, naive (tok/s, first send to last token)", fmt(rm.gpu_throughput_naive_tok_s)],
             ["STP (Σ NP)", fmt(rm.stp, 3)],
             ["ANTT (mean 1/NP)", fmt(rm.antt, 3)],
             ["fairness (min NP / max NP)", fmt(rm.fairness, 3)],

@@ -1,4 +1,4 @@
-"""Write complete run folders (the experiment-folder contract of DESIGN.md) for analysis tests.
+"""Write complete run folders (the experiment-folder contract of docs/design.md) for analysis tests.
 
 ``RunBuilder`` lays out manifest.json, config.resolved.yaml, tenants/<name>/events.jsonl and,
 optionally, telemetry.jsonl. Events are written with the project's own ``EventWriter`` so the

@@ -1,4 +1,4 @@
-"""Baseline matching on what changes per-token performance (issue 16, item 3): the workload's
+"""Baseline matching on what changes per-token performance: the workload's
 dataset lengths and arrival process; not its duration, request count, warm-up, start delay or
 seeds. When nothing matches, the message names the fields that differ from the nearest solo."""
 

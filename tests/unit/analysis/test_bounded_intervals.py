@@ -1,5 +1,5 @@
 """Intervals over trials stay inside the possible range; two trials are marked uninformative;
-an NP above 1.05 is flagged (issue 16, item 4)."""
+an NP above 1.05 is flagged."""
 
 from __future__ import annotations
 

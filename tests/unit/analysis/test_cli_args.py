@@ -1,4 +1,4 @@
-"""mt-analyze's command line: one PATH per --baseline, in any order with the PATHs (issue 16, item 2)."""
+"""mt-analyze's command line: one PATH per --baseline, in any order with the PATHs."""
 
 from __future__ import annotations
 

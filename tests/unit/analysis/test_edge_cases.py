@@ -147,7 +147,7 @@ def test_cpu_runs_say_aggregate_gpu_runs_say_gpu(tmp_path: Path) -> None:
     for rm, word in ((cpu, "aggregate"), (gpu, "GPU")):
         figures = [row[0] for row in run_tables(rm)[-1].rows]
         assert f"{word} throughput (tok/s, in window)" in figures
-        assert f"{word} throughput, naive (tok/s, seed study)" in figures
+        assert f"{word} throughput, naive (tok/s, first send to last token)" in figures
         assert f"· {word} " in _terminal(rm)
         assert f"| {word} throughput (tok/s, in window) |" in markdown([rm], {id(rm): "run"})
     assert "GPU" not in "".join(row[0] for row in run_tables(cpu)[-1].rows)

@@ -1,4 +1,4 @@
-"""A folder of many experiments is not one sweep (issue 16, item 6): runs group by sweep folder
+"""A folder of many experiments is not one sweep: runs group by sweep folder
 and experiment; unrelated runs get no sweep table across them."""
 
 from __future__ import annotations

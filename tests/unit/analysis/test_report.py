@@ -22,7 +22,7 @@ from tests.unit.analysis.builders import simple_run
 
 HAND = Path(__file__).resolve().parents[2] / "data" / "analysis" / "hand"
 
-# The shape issue #4 fixes (other tools read it); extra keys are allowed, these are required.
+# The shape other tools read; extra keys are allowed, these are required.
 RUN_KEYS = ["run_dir", "run_id", "status", "mode", "window_ns", "tenants", "aggregate"]
 TENANT_KEYS = [
     "requests", "errors", "output_tokens", "throughput_tok_s", "ttft_ms", "ttft_sched_ms", "queue_ms",

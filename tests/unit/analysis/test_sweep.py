@@ -267,7 +267,7 @@ def test_the_same_run_copied_into_two_folders_counts_once(tmp_path: Path) -> Non
     assert sum("are the same run" in w for w in result.warnings) == 2, result.warnings
 
 
-# --- a mean exactly at the target (issue 16, item 1) ----------------------------------------
+# --- a mean exactly at the target ----------------------------------------
 
 
 def test_a_mean_exactly_at_the_target_is_feasible_and_stored_exactly(tmp_path: Path) -> None:

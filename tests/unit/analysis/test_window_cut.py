@@ -1,5 +1,5 @@
 """The run says how its window was cut: which tenant set its start and its end, and why
-(issue 16, item 5)."""
+."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Plots: legends never cover data, sweep_latency keeps p50 and p99 apart, ECDFs by seaborn
-. Figures are caught before they are saved and measured once drawn."""
+"""Plots: legends never cover data, sweep_latency keeps p50 and p99 apart, ECDFs by seaborn.
+Figures are caught before they are saved and measured once drawn."""
 
 from __future__ import annotations
 

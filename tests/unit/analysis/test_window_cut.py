@@ -1,5 +1,4 @@
-"""The run says how its window was cut: which tenant set its start and its end, and why
-."""
+"""The run says how its window was cut: which tenant set its start and its end, and why."""
 
 from __future__ import annotations
 

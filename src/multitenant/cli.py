@@ -147,7 +147,7 @@ class _OutputThatNeverFails(io.TextIOBase):
     """A stdout/stderr whose reader may go away (``mt-run ... | head -1``, a closed terminal):
     once a write fails with a broken pipe, the stream's fd is pointed at /dev/null and every
     later write is dropped. Output is a courtesy; the run, its manifest and its exit code must
-    not depend on it (a failed print once stopped runs or recorded them wrongly)."""
+    not depend on it (a failed print must not stop a run or change how it is recorded)."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream

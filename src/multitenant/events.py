@@ -13,9 +13,8 @@ earlier flush (``os.write`` of one buffer to a regular file is not interleaved w
 
 A write that fails (a full disk, a removed folder) ends the log: the error is kept, the
 flusher stops, and the next ``emit`` raises it as ``EventLogError``, so the tenant fails at
-once with the cause instead of serving on while nothing reaches the file (the flusher thread
-used to die silently and the buffer grew until the tenant exited). Lines written before the
-failure stay readable.
+once with the cause instead of serving on while nothing reaches the file and the buffer grows
+until the tenant exits. Lines written before the failure stay readable.
 """
 
 from __future__ import annotations

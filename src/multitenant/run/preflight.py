@@ -1,8 +1,9 @@
 """Checks of the machine before a run starts: is the GPU the experiment names usable here?
 
-A GPU experiment on a machine without one used to start, make a folder, and fail later with a
-message about ``nvidia-cuda-mps-control`` or a CUDA error from a tenant. NVML answers the
-question in milliseconds without a CUDA context (no torch import), so ``mt-run`` asks it first.
+Without this check a GPU experiment on a machine without a GPU would start, make a folder, and
+fail later with a message about ``nvidia-cuda-mps-control`` or a CUDA error from a tenant. NVML
+answers the question in milliseconds without a CUDA context (no torch import), so ``mt-run``
+asks it first.
 """
 
 from __future__ import annotations

@@ -302,11 +302,13 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
 # ---------------------------------------------------------------------------------------------
 # report.html
 
+PROSE_CHARS = 60  # a table cell longer than this is prose: it wraps in report.html
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.5rem}h3{margin-top:1.5rem}
 table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
 th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f2f2f2}td{white-space:nowrap}
+td.prose{white-space:normal;text-align:left;min-width:24rem;max-width:48rem}
 td:first-child,th:first-child{text-align:left}
 .banner{background:#b00020;color:#fff;padding:.6rem 1rem;border-radius:4px;font-weight:600}
 .best{background:#1b5e20;color:#fff;padding:.6rem 1rem;border-radius:4px;font-weight:600}
@@ -325,7 +327,8 @@ def _html_table(table: Table, colors: dict[str, str] | None = None) -> str:
             text = html.escape(cell)
             if i == 0 and colors and cell in colors:
                 text = f'<span class="swatch" style="background:{colors[cell]}"></span>{text}'
-            cells.append(f"<td>{text}</td>")
+            # A sentence (how the window was cut) wraps; numbers and names stay on one line.
+            cells.append(f'<td class="prose">{text}</td>' if len(cell) > PROSE_CHARS else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from multitenant.analysis import compare, export
+from multitenant.analysis import compare, export, hardware
 from multitenant.analysis.baselines import (
     apply_baselines,
     baseline_trials,
@@ -185,6 +185,8 @@ def analyse(args: argparse.Namespace) -> int:
             for name, pool in choice[key].items()
         }
         apply_baselines(rm, solos, nearest[key])
+        hardware.attach(rm, solos)
+    hardware.compare_points(rms)
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
     write_outputs(

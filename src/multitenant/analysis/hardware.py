@@ -56,6 +56,25 @@ def _range(values: np.ndarray) -> list[int] | None:
     return [int(finite.min()), int(finite.max())] if finite.size else None
 
 
+def in_window(rm: RunMetrics) -> np.ndarray | None:
+    """Which telemetry samples describe the window (``t0 < t <= t1``); all without a window."""
+    tel = rm.run.telemetry
+    if tel is None:
+        return None
+    if rm.window_ns is None:
+        return np.ones(tel.t_ns.size, dtype=bool)
+    return (tel.t_ns > rm.window_ns[0]) & (tel.t_ns <= rm.window_ns[1])
+
+
+def window_mean(rm: RunMetrics, key: str) -> float | None:
+    """The mean of one telemetry column over the window's samples (None: no such column)."""
+    inside = in_window(rm)
+    tel = rm.run.telemetry
+    if tel is None or inside is None or key not in tel.columns:
+        return None
+    return _mean(tel.columns[key][inside])
+
+
 def hardware_summary(rm: RunMetrics) -> HardwareSummary | None:
     """The run's block (module docstring); None when the run recorded neither telemetry nor activity."""
     run = rm.run
@@ -72,10 +91,8 @@ def hardware_summary(rm: RunMetrics) -> HardwareSummary | None:
             hw.sm_clock_mhz = [activity.sm_clock_mhz_min, activity.sm_clock_mhz_max]
         if activity.mem_clock_mhz_min is not None and activity.mem_clock_mhz_max is not None:
             hw.mem_clock_mhz = [activity.mem_clock_mhz_min, activity.mem_clock_mhz_max]
-    if tel is not None and tel.t_ns.size:
-        inside = np.ones(tel.t_ns.size, dtype=bool)
-        if rm.window_ns is not None:
-            inside = (tel.t_ns > rm.window_ns[0]) & (tel.t_ns <= rm.window_ns[1])
+    inside = in_window(rm)
+    if tel is not None and inside is not None and tel.t_ns.size:
         hw.samples = int(inside.sum())
         for key in ACTIVITY_KEYS:
             if key in tel.columns:

@@ -2,7 +2,7 @@
 the predicted grid and best split; with a measured sweep, predicted vs measured per point.
 
 Profiles. The solo runs (one tenant each) are grouped by baseline identity (the tenant spec less
-its share, ``baselines.same_identity``). In a group, a run under mode ``mps`` whose share was
+its share, ``baselines.same_identity``). In a group, a run under an MPS mode whose share was
 applied (``share_applied``) is a point at its ``active_thread_pct`` (100 when unset); any other
 (time-sliced) run is a whole-GPU reference. Trials at one share are averaged. The reference is
 the mean of the time-sliced solos, else the largest share. Per run: throughput (tok/s, in the
@@ -46,8 +46,8 @@ from multitenant.analysis.predict import (
 from multitenant.analysis.requests import latency_sample
 from multitenant.analysis.stats import Estimate
 from multitenant.analysis.sweep import Choice, Point, Sweep, judge, rank
+from multitenant.config.schema import MPS_MODES
 
-MODE_MPS = "mps"
 MIN_SHARES = 3  # fewer measured shares than this: the interpolation is mostly guesswork
 # Predicted values written beside the measured ones (sweep.csv ``predicted``): (tenant metric,
 # TenantPrediction attribute) and (run metric, Prediction property).
@@ -120,7 +120,7 @@ def _mean_point(points: Sequence[SoloPoint]) -> SoloPoint:
 
 def run_share(rm: RunMetrics, name: str) -> float | None:
     """The tenant's MPS share (percent) when the run applied one; None for a time-sliced run."""
-    if rm.run.mode != MODE_MPS:
+    if rm.run.mode not in MPS_MODES:
         return None
     record = rm.run.manifest.tenants.get(name)
     if record is None or not record.share_applied:
@@ -240,7 +240,7 @@ def configuration(point: Point) -> tuple[float, ...] | str | None:
     if not runs:
         return None
     rm = runs[0].rm
-    if rm.run.mode != MODE_MPS:
+    if rm.run.mode not in MPS_MODES:
         return TIMESLICE
     caps = []
     for name in rm.tenants:

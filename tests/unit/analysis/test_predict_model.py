@@ -101,3 +101,12 @@ def test_grid_of_a_pair_and_of_three() -> None:
     assert len(three) == 36 + 1 and all(sum(c) == 100 for c in three[:-1])
     labels = [p.label for p in predict_grid([proportional("a"), proportional("b")])]
     assert labels[:2] == ["90/10", "80/20"] and labels[-2:] == ["100/100", TIMESLICE]
+
+
+def test_three_tenants_share_the_memory_system() -> None:
+    # Three bandwidth-bound tenants at 0.6 of peak each: every split stretched by 1.8.
+    profs = [bandwidth_bound(n) for n in "abc"]
+    pred = predict_mps(profs, (40, 30, 30))
+    assert [t.stretch for t in pred.tenants] == [pytest.approx(1.8)] * 3
+    assert pred.stp == pytest.approx(3 / 1.8)
+    assert len(predict_grid(profs)) == 36 + 2  # the splits, 100/100/100 and time-slicing

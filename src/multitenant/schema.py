@@ -519,6 +519,33 @@ class AggregateSummary:
 
 
 @dataclass
+class HardwareSummary:
+    """What the hardware did over one run's window (``analysis.hardware``). GPU activity: the
+    mean over the telemetry samples inside the window, in percent (``activity_source`` "gpm":
+    NVML GPM, share of SMs busy / resident warps / DRAM bandwidth of peak / tensor-core time;
+    "utilization": sm_active and dram_bw repeat NVML's coarse utilization rates; null: not
+    recorded). ``tenant_cpu_pct``: mean CPU % of each tenant's whole process tree (100 = one
+    core); ``tenant_cpu_s``: its CPU seconds over the window (manifest ``activity``);
+    ``steal_pct``/``iowait_pct``: percent of all CPU time; clocks: [min, max] MHz. ``note``: a
+    sentence for a reader (e.g. room for a co-tenant), or null."""
+
+    window_s: float | None = None
+    activity_source: str | None = None
+    sm_active_pct: float | None = None
+    sm_occupancy_pct: float | None = None
+    dram_bw_pct: float | None = None
+    tensor_active_pct: float | None = None
+    samples: int = 0
+    tenant_cpu_pct: dict[str, float | None] = field(default_factory=dict)
+    tenant_cpu_s: dict[str, float] = field(default_factory=dict)
+    steal_pct: float | None = None
+    iowait_pct: float | None = None
+    sm_clock_mhz: list[int] | None = None
+    mem_clock_mhz: list[int] | None = None
+    note: str | None = None
+
+
+@dataclass
 class RunSummary:
     """One run in summary.json."""
 
@@ -537,6 +564,11 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
     # Which tenant set the window's start and end, and why (analysis/window_cut.py).
     window_cut: dict[str, Any] | None = None
+    # What the hardware did (analysis/hardware.py): this run, and each tenant's solo baseline.
+    hardware: HardwareSummary | None = None
+    solo_hardware: dict[str, HardwareSummary] = field(default_factory=dict)
+    # One line per fingerprint difference against a baseline or another sweep point.
+    comparability: list[str] = field(default_factory=list)
 
 
 @dataclass

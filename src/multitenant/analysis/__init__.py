@@ -10,7 +10,10 @@ Stages, data flowing one way (each module one job; none imports a later stage):
    the latency sample) -> ``metrics`` (per tenant and per run: windows, throughput, latency
    statistics from ``stats``, SLO attainment; ``window_cut`` says which tenant set the window
    and why) -> ``baselines`` (solo baseline matching by
-   baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain).
+   baseline identity, NP, slowdowns, STP, ANTT, fairness, Jain) -> ``hardware`` (what the GPU and
+   host did over the window, the solos' too, and fingerprint differences). ``--predict``:
+   ``predict`` (the split oracle's model, pure) <- ``oracle`` (solo runs -> profiles, the grid,
+   the best split by the sweep's rule, predictions beside sweep points) -> ``oracle_report``.
 3. Outputs: ``report`` (terminal, summary.md, report.html), ``summary`` (summary.json as
    ``schema.Summary``, requests.csv), ``plots`` (matplotlib, Agg; seaborn for ECDFs, curves and
    heatmaps) and ``trace`` (Chrome/Perfetto trace.json), ``export`` (``--export``: per tenant an

@@ -2,6 +2,8 @@
 
     mt-analyze PATH [PATH ...] [--baseline PATH]... [--out DIR] [--slo ttft=200ms,tpot=50ms,e2e=10s]
                [--slo-target 0.9] [--objective throughput|goodput] [--format png|svg|pdf] [--trace]
+               [--predict SOLO [SOLO ...]]
+    mt-analyze --predict SOLO [SOLO ...] [--slo ...]     (the predicted split grid, ``oracle``)
 
 PATH is a run folder, a sweep folder, or any folder that contains run folders (found by their
 manifest.json). Solo baselines come from ``--baseline`` first, then from the PATHs themselves,
@@ -18,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from multitenant.analysis import compare, export
+from multitenant.analysis import compare, export, hardware, oracle, oracle_report
 from multitenant.analysis.baselines import (
     apply_baselines,
     baseline_trials,
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mt-analyze",
         description="Metrics, plots, a one-page report and a trace from mt-run experiment folders.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="run folder, sweep folder, or a folder of runs")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="run folder, sweep folder, or a folder of runs")
     # One PATH per --baseline (repeat the flag for more), so `--baseline SOLO RUN` leaves RUN a
     # PATH to analyse; nargs="+" ate RUN, and a second flag replaced the first.
     p.add_argument(
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(vllm-bench), under <out>/<FORMAT>/; repeatable (docs/exports.md)",
     )  # fmt: skip
     p.add_argument("--compare", metavar="FILE", help="a vllm bench serve or AIPerf result, printed beside ours")
+    p.add_argument(
+        "--predict", action="extend", nargs="+", metavar="SOLO", default=[],
+        help="predict every split from solo runs at >= 3 MPS shares (docs/prediction.md); alone: the grid "
+        "and best split; with a sweep: predicted vs measured; put it after the PATHs",
+    )  # fmt: skip
     p.add_argument("--compare-tenant", metavar="NAME", help="the tenant --compare is about (default: the only one)")
     return p
 
@@ -118,6 +125,8 @@ def analyse(args: argparse.Namespace) -> int:
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     slo = parse_slo(args.slo) if args.slo else None
     target = check_sweep_options(args, slo)
+    if not args.paths:
+        return oracle_report.predict_only(args.predict, slo, target, args.objective, console)
     run_dirs: list[Path] = []
     for path in args.paths:
         for d in find_run_dirs(path):
@@ -185,11 +194,13 @@ def analyse(args: argparse.Namespace) -> int:
             for name, pool in choice[key].items()
         }
         apply_baselines(rm, solos, nearest[key])
+        hardware.attach(rm, solos)
+    hardware.compare_points(rms)
 
     out = Path(args.out) if args.out else default_out([Path(p) for p in args.paths])
     write_outputs(
         rms, out, args.format, args.trace, console, target=target, objective=args.objective,
-        paths=[Path(p) for p in args.paths],
+        paths=[Path(p) for p in args.paths], predicted=oracle.for_runs(args.predict, rms, slo, target, args.objective),
     )  # fmt: skip
     if args.export:
         labels = run_labels({rm.run.run_dir: list(rm.run.manifest.overrides or []) for rm in rms})
@@ -243,12 +254,14 @@ def write_outputs(
     target: float = DEFAULT_SLO_TARGET,
     objective: str = "throughput",
     paths: list[Path] | None = None,
+    predicted: oracle.Oracle | None = None,
 ) -> dict[str, Path]:
     """Every output file; returns them by name. Several runs (``sweep.is_sweep``) also get
     sweep.csv, sweep.json, the sweep plots and sections, and the best point as the last lines.
     With ``paths`` (the PATHs given) runs are grouped first (``groups``): each group of several
     runs is its own sweep; with more than one group, each sweep's files go to its own
-    ``sweep__<group>`` sub-folder."""
+    ``sweep__<group>`` sub-folder. ``predicted`` (``--predict``): predictions beside each sweep's
+    points, printed against them."""
     from multitenant.analysis import plots, report, summary, sweep_plots, sweep_report
     from multitenant.analysis.groups import common_folder, group_name, group_runs
     from multitenant.analysis.trace import write_trace
@@ -280,6 +293,8 @@ def write_outputs(
     md_text = report.markdown(rms, labels)
     sweep_md = ""
     for sw, sw_out, sw_title in sweeps:
+        if predicted is not None:
+            oracle.attach(sw, predicted)
         sw_out.mkdir(parents=True, exist_ok=True)
         prefix = "" if sw_out == out else f"{sw_out.name}/"
         written[f"{prefix}sweep.csv"] = sweep_report.write_sweep_csv(sw, sw_out / "sweep.csv")
@@ -313,16 +328,23 @@ def write_outputs(
     )
     files = "report.html, summary.json, summary.md, requests.csv" + (", sweep.csv, sweep.json" if sweep else "")
     print(f"mt-analyze: {len(rms)} run(s) -> {out}/ ({files})", file=sys.stderr)
+    if predicted is not None:
+        oracle_report.print_grid(predicted, console)
     for sw, _, sw_title in sweeps:
         if len(sweeps) > 1:
             print(sw_title, file=sys.stderr)
+        if predicted is not None:
+            oracle_report.print_versus(sw, console)
         sweep_report.print_best(sw, console)  # the answer comes last
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
     # Intermixed: PATHs may come before, between and after the options (`--baseline S RUN`).
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if not args.paths and not args.predict:
+        parser.error("give a PATH to analyse, or --predict SOLO... to predict from solo runs")
     try:
         return analyse(args)
     except (AnalysisError, SloError) as e:

@@ -25,6 +25,12 @@ TELEMETRY_SCALARS = (
     "sm_clock_mhz",
     "mem_clock_mhz",
     "temp_c",
+    # GPU activity (percent; run/telemetry.py): NVML GPM on Hopper+, else sm_active_pct and
+    # dram_bw_pct repeat the utilization rates and the other two are absent.
+    "sm_active_pct",
+    "sm_occupancy_pct",
+    "dram_bw_pct",
+    "tensor_active_pct",
 )
 # Telemetry keys that hold {tenant name: number}; flattened to "<key>/<tenant>" columns.
 TELEMETRY_PER_TENANT = ("tenant_cpu_pct", "tenant_gpu_mem_bytes")

@@ -2,8 +2,8 @@
 seaborn where it serves: ECDFs, heatmaps, the whitegrid style).
 
 Per run: TTFT CDF, TPOT CDF, ITL distribution, tokens/s per tenant over time (1 s bins,
-stacked, the measured window shaded), TTFT and end-to-end latency of each request over time,
-and telemetry (utilization, memory, power, clocks, tenant CPU) when the run has it.
+stacked, the measured window shaded; GPU activity under it when the telemetry has the counters),
+TTFT and end-to-end latency of each request over time, and telemetry (utilization, memory, power, clocks, tenant CPU) when the run has it.
 Across runs (when solo baselines matched): solo vs co-located throughput with NP, and a
 slowdown heatmap. Every axis names its unit; a tenant has the same colour in every figure
 (``tenant_colors``). Time axes are seconds since the start of the run's window.
@@ -198,8 +198,13 @@ def _throughput_timeline(rm: RunMetrics, colors: dict[str, str], out_dir: Path, 
     hi = int(np.floor((everything.max() - origin) / NS_PER_S)) + 1
     edges = np.arange(lo, hi + 1, dtype=np.float64)
     panels = [p for p in (("tok", gen), ("seq", fwd)) if p[1]]
-    fig, axes = subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, (unit, series) in zip(axes[:, 0], panels, strict=True):
+    activity = _activity_series(rm)
+    heights = [3.6] * len(panels) + ([2.6] if activity else [])
+    fig, axes = subplots(len(heights), 1, figsize=(9, sum(heights)), sharex=True, squeeze=False,
+                         gridspec_kw={"height_ratios": heights})  # fmt: skip
+    if activity:
+        _draw_activity(axes[-1, 0], rm, origin, activity)
+    for ax, (unit, series) in zip(axes[:, 0], panels, strict=False):
         _shade_window(ax, rm, origin)
         stack = []
         for t, n in series.values():
@@ -218,6 +223,36 @@ def _throughput_timeline(rm: RunMetrics, colors: dict[str, str], out_dir: Path, 
     axes[-1, 0].set_xlabel("time since window start (s)")
     axes[0, 0].set_title(f"throughput per tenant, stacked — {rm.run.run_id}")
     return _save(fig, out_dir, "throughput_timeline", "Throughput over time", fmt)
+
+
+# GPU activity lines under the throughput timeline: (telemetry key, legend label, style).
+ACTIVITY_LINES = (
+    ("sm_active_pct", "SM active", ("0.1", "-")),
+    ("sm_occupancy_pct", "SM occupancy", ("0.45", ":")),
+    ("dram_bw_pct", "DRAM bandwidth", ("0.35", "--")),
+    ("tensor_active_pct", "tensor active", ("0.6", "-.")),
+)
+
+
+def _activity_series(rm: RunMetrics) -> list[tuple[str, str, tuple[str, str]]]:
+    """The ACTIVITY_LINES the run's telemetry holds (empty without telemetry or counters)."""
+    tel = rm.run.telemetry
+    return [line for line in ACTIVITY_LINES if tel is not None and tel.has(line[0])]
+
+
+def _draw_activity(ax: plt.Axes, rm: RunMetrics, origin: int, lines: list[tuple[str, str, tuple[str, str]]]) -> None:
+    """GPU activity (%) over time, each sample drawn over the interval it describes (it covers
+    the time since the previous sample: ``step="pre"``)."""
+    tel = rm.run.telemetry
+    assert tel is not None
+    x = (tel.t_ns - origin) / NS_PER_S
+    _shade_window(ax, rm, origin, label=False)
+    for key, label, (color, style) in lines:
+        ax.step(x, tel.columns[key], where="pre", label=label, color=color, ls=style, lw=1.3)
+    source = rm.run.manifest.activity.gpu_activity_source if rm.run.manifest.activity is not None else None
+    ax.set_ylabel(f"GPU activity (%)\nsource: {source or 'unknown'}")
+    ax.set_ylim(0, 105)
+    legend_outside(ax, fontsize="small")
 
 
 def _request_latency(rm: RunMetrics, colors: dict[str, str], out_dir: Path, fmt: str) -> Plot | None:

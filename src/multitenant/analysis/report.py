@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from multitenant.analysis import hardware
 from multitenant.analysis.metrics import RunMetrics, TenantMetrics, status_warning
 from multitenant.analysis.names import LATENCY_METRICS, NP_E2E, SLOWDOWN_KEYS, STAT_KEYS, TTFT_SPLIT
 from multitenant.analysis.plots import Plot
@@ -230,6 +231,8 @@ def markdown(rms: Sequence[RunMetrics], labels: dict[int, str]) -> str:
         ]
         for table in run_tables(rm):
             parts += [f"### {table.title}", "", _md_table(table), ""]
+        if hw_lines := hardware.report_lines(rm):
+            parts += ["### Hardware", ""] + [f"- {line}" for line in hw_lines] + [""]
         if rm.missing_baselines:
             parts += ["### Missing baselines", ""] + [f"- {m}" for m in rm.missing_baselines] + [""]
         if shown := listed_warnings(rm):
@@ -293,6 +296,8 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
                 console.print(
                     f"  TTFT split {name} (n={tm.ttft_split['n']}, ms mean / p50): {parts}", markup=False, highlight=False
                 )
+        for line in hardware.report_lines(rm):
+            console.print(f"  {line}", markup=False, highlight=False)
         for message in rm.missing_baselines:
             console.print(f"  {message}", style="yellow", markup=False, highlight=False)
         for message in listed_warnings(rm):
@@ -379,6 +384,8 @@ def write_html(
         out.append("<h3>Setup</h3>" + _html_table(Table("Setup", SETUP_HEADER, setup_rows(rm)), colors))
         for table in run_tables(rm):
             out.append(f"<h3>{esc(table.title)}</h3>" + _html_table(table, colors))
+        if hw_lines := hardware.report_lines(rm):
+            out.append("<h3>Hardware</h3><ul>" + "".join(f"<li>{esc(line)}</li>" for line in hw_lines) + "</ul>")
         if rm.missing_baselines:
             out.append("<h3>Missing baselines</h3><ul>")
             out += [f'<li class="missing">{esc(m)}</li>' for m in rm.missing_baselines]

@@ -2,7 +2,8 @@
 ``schema.Summary``) and requests.csv.
 
 summary.json: per run ``run_dir``, ``run_id``, ``status``, ``mode``, ``window_ns``, ``tenants``,
-``aggregate``, ``name``, ``gpu``, ``window_s``, ``slo_ms``, ``warnings``, ``missing_baselines``;
+``aggregate``, ``name``, ``gpu``, ``window_s``, ``slo_ms``, ``warnings``, ``missing_baselines``,
+``hardware``, ``solo_hardware`` and ``comparability`` (``hardware``);
 per tenant its counts (requests = completed + errors + cancelled + incomplete), throughput,
 latency statistics, SLO figures, NP with its definition and the means an ``e2e`` NP divides,
 slowdowns, its baseline and ``ttft_split`` (``schema.TenantSummary``). Numbers are plain JSON
@@ -92,6 +93,9 @@ def run_record(rm: RunMetrics) -> RunSummary:
         missing_baselines=rm.missing_baselines,
         warnings=rm.warnings,
         window_cut=rm.window_cut,
+        hardware=rm.hardware,
+        solo_hardware=rm.solo_hardware,
+        comparability=rm.comparability,
     )
 
 

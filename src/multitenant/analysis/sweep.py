@@ -216,6 +216,7 @@ class Point:
     pareto: bool | None = None  # None unless every tenant has an NP at this point (and >= 2 tenants)
     # Each tenant's mean SLO attainment over the trials, exactly (feasibility compares this).
     attainment: dict[str, Fraction | None] = field(default_factory=dict)
+    predicted: dict[tuple[str, str], float | None] = field(default_factory=dict)  # --predict (``oracle``)
 
     @property
     def n_trials(self) -> int:
@@ -442,7 +443,12 @@ def _choose(sweep: Sweep) -> None:
     sweep.choices = [judge(p, sweep.target, sweep.objective) for p in sweep.points]
     for choice in sweep.choices:
         choice.point.feasible = choice.feasible
-    feasible = [c for c in sweep.choices if c.feasible]
+    sweep.best, sweep.closest = rank(sweep.choices)
+
+
+def rank(choices: Sequence[Choice]) -> tuple[Choice | None, Choice | None]:
+    """(best, closest): the feasible choice with the highest objective (ties: higher lowest
+    attainment, then the earlier), else (None, the highest lowest attainment; ties: objective)."""
 
     def objective(c: Choice) -> float:
         return c.objective.mean if c.objective.mean is not None else -math.inf
@@ -450,13 +456,12 @@ def _choose(sweep: Sweep) -> None:
     def attainment(c: Choice) -> float:
         return c.min_attainment if c.min_attainment is not None else -math.inf
 
+    feasible = [c for c in choices if c.feasible]
     if feasible:
         # max() keeps the first of equals: the earlier point wins a full tie.
-        sweep.best = max(feasible, key=lambda c: (objective(c), attainment(c)))
-        return
-    judged = [c for c in sweep.choices if c.min_attainment is not None]
-    if judged:
-        sweep.closest = max(judged, key=lambda c: (attainment(c), objective(c)))
+        return max(feasible, key=lambda c: (objective(c), attainment(c))), None
+    judged = [c for c in choices if c.min_attainment is not None]
+    return None, (max(judged, key=lambda c: (attainment(c), objective(c))) if judged else None)
 
 
 def rate_limits(sweep: Sweep) -> list[RateLimit]:

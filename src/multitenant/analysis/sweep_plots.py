@@ -149,7 +149,16 @@ def _curves(
         if aggregate is not None and (RUN_LEVEL, aggregate) in sweep.rows:
             est = [p.get(RUN_LEVEL, aggregate) for p in points]
             drawn |= _band(ax, x, est, AGGREGATE_COLOR, f"all tenants{suffix}", style, marker, scale)
+        for t, m, color in [*((t, metric, colors[t]) for t in sweep.tenants), (RUN_LEVEL, aggregate, AGGREGATE_COLOR)]:
+            _predicted(ax, x, [p.predicted.get((t, m or "")) for p in points], color, f"{'all tenants' if t == RUN_LEVEL else t} predicted{suffix}", scale)
     return drawn
+
+
+def _predicted(ax: plt.Axes, xs: Sequence[float], values: Sequence[float | None], color: str, label: str, scale: float) -> None:
+    """``--predict``: the oracle's curve over the measured band (dotted, x markers)."""
+    pts = sorted((x, v * scale) for x, v in zip(xs, values, strict=True) if v is not None)
+    if pts:
+        ax.plot([x for x, _ in pts], [v for _, v in pts], ls=":", marker="x", color=color, lw=1.6, label=label)
 
 
 def _throughput(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: str) -> Plot | None:
@@ -256,6 +265,10 @@ def _tradeoff(sweep: Sweep, key: str, colors: dict[str, str], out: Path, fmt: st
         fx = [p.get(a, "np").mean or 0.0 for p in frontier]
         fy = [p.get(b, "np").mean or 0.0 for p in frontier]
         ax.plot(fx, fy, color="#d62728", lw=1, ls="--", label="Pareto frontier")
+    pred = [(p.predicted[(a, "np")], p.predicted[(b, "np")]) for p in pts if p.predicted.get((a, "np")) is not None
+            and p.predicted.get((b, "np")) is not None]  # fmt: skip
+    if pred:  # --predict: the oracle's NPs at the measured points
+        ax.plot(*zip(*sorted(pred), strict=True), ls=":", marker="x", color="0.2", lw=1.2, label="predicted")
     ax.plot([], [], "*", color="#d62728", ms=11, ls="none", label="Pareto point")
     ax.plot([0, 1], [1, 0], color="0.75", lw=0.8, ls=":", label="STP = 1")
     ax.set_xlabel(f"NP of {a}")

@@ -90,6 +90,10 @@ def sweep_dict(sweep: Sweep) -> dict[str, Any]:
                 "metrics": metrics,
             }
         )
+        if p.predicted:  # --predict: the oracle's values by tenant and metric (``oracle``)
+            points[-1]["predicted"] = {
+                t: {m: v for (t2, m), v in p.predicted.items() if t2 == t} for t in dict.fromkeys(t for t, _ in p.predicted)
+            }
     cost = sweep.cost
     return {
         "schema": 1,
@@ -144,8 +148,12 @@ def sweep_dict(sweep: Sweep) -> dict[str, Any]:
 def csv_rows(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
     """sweep.csv: one row per point x tenant x metric (the axes as columns, then tenant, metric,
     n_trials, mean, std, ci_low, ci_high, note); n_trials counts the trials where the metric is
-    defined; note says when the point's intervals are missing or uninformative (fewer than 3 trials)."""
+    defined; note says when the point's intervals are missing or uninformative (fewer than 3 trials);
+    with ``--predict`` a last column ``predicted`` (the oracle's value, empty where it has none)."""
     header = [*sweep.axes, "tenant", "metric", "n_trials", "mean", "std", "ci_low", "ci_high", "note"]
+    predicted = any(p.predicted for p in sweep.points)
+    if predicted:
+        header.append("predicted")
     rows: list[list[Any]] = []
     for p in sweep.points:
         note = single_trial_note(p) or ""
@@ -154,6 +162,8 @@ def csv_rows(sweep: Sweep) -> tuple[list[str], list[list[Any]]]:
                 continue
             e = p.get(tenant, metric)
             rows.append([*p.values, tenant, metric, e.n, e.mean, e.std, e.ci_low, e.ci_high, note])
+            if predicted:
+                rows[-1].append(p.predicted.get((tenant, metric)))
     return header, rows
 
 

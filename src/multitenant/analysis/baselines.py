@@ -153,8 +153,15 @@ def describe_spec(spec: dict[str, Any] | None, gpu: str | None) -> str:
 
 
 def is_solo_candidate(run: RunData) -> bool:
-    """A finished run with exactly one tenant."""
-    return len(run.tenants) == 1 and run.status == RunStatus.OK
+    """A finished run with exactly one tenant that had the whole GPU: under an applied MPS cap
+    below 100 % it measured a share (a point of a solo share sweep, what ``--predict`` reads),
+    not the tenant alone."""
+    if len(run.tenants) != 1 or run.status != RunStatus.OK:
+        return False
+    (name,) = run.tenants
+    record = run.tenant_manifest(name)
+    pct = record.share.get("active_thread_pct") if record.share_applied else None
+    return pct is None or pct >= 100
 
 
 def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunData | None:

@@ -144,3 +144,26 @@ def test_cpu_baselines_match_on_threads(tmp_path: Path) -> None:
     assert not matched(co, solo(tmp_path, "solo2", cpu_threads=2)), "a 2-thread solo is no baseline of a 1-thread tenant"
     assert matched(co, solo(tmp_path, "solo1", cpu_threads=1))
     assert "cpu_threads=1" in describe_spec(tenant_spec(co, "x"), None)
+
+
+def capped_solo(root: Path, dirname: str, pct: int | None) -> RunData:
+    """A solo run whose tenant ran under an applied MPS cap of ``pct`` % (None: no cap)."""
+    import json
+
+    rb = RunBuilder(root, dirname)
+    rb.tenant("a").start(0).window(1000, 2000).request(1, 1000, 1000, [1100, 1200])
+    run_dir = rb.write()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["mode"] = "mps"
+    manifest["tenants"]["a"].update(share_applied=True, share={"active_thread_pct": pct})
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return load_run(run_dir)
+
+
+def test_a_solo_under_an_sm_cap_below_100_is_no_baseline(tmp_path: Path) -> None:
+    # A solo share sweep (what --predict reads) sits beside the runs: its 25 % point measured a
+    # share, not the tenant alone, and NP must not divide by it.
+    co = pair(tmp_path)
+    assert not matched(co, capped_solo(tmp_path, "solo25", 25)), "a 25 % solo was taken as the baseline"
+    assert matched(co, capped_solo(tmp_path, "solo100", 100))
+    assert matched(co, capped_solo(tmp_path, "solo_uncapped", None))

@@ -154,7 +154,6 @@ def capped_solo(root: Path, dirname: str, pct: int | None) -> RunData:
     rb.tenant("a").start(0).window(1000, 2000).request(1, 1000, 1000, [1100, 1200])
     run_dir = rb.write()
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    manifest["mode"] = "mps"
     manifest["tenants"]["a"].update(share_applied=True, share={"active_thread_pct": pct})
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     return load_run(run_dir)

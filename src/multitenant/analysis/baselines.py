@@ -153,15 +153,15 @@ def describe_spec(spec: dict[str, Any] | None, gpu: str | None) -> str:
 
 
 def is_solo_candidate(run: RunData) -> bool:
-    """A finished run with exactly one tenant that had the whole GPU: under an applied MPS cap
-    below 100 % it measured a share (a point of a solo share sweep, what ``--predict`` reads),
-    not the tenant alone."""
-    if len(run.tenants) != 1 or run.status != RunStatus.OK:
-        return False
-    (name,) = run.tenants
+    """A finished run with exactly one tenant."""
+    return len(run.tenants) == 1 and run.status == RunStatus.OK
+
+
+def sm_cap(run: RunData, name: str) -> int | None:
+    """The tenant's applied MPS SM cap when below 100 %, else None (it had every SM)."""
     record = run.tenant_manifest(name)
     pct = record.share.get("active_thread_pct") if record.share_applied else None
-    return pct is None or pct >= 100
+    return int(pct) if isinstance(pct, (int, float)) and pct < 100 else None
 
 
 def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunData | None:
@@ -177,6 +177,11 @@ def choose_baseline(run: RunData, name: str, candidates: list[RunData]) -> RunDa
         if cand.run_dir.resolve() == run.run_dir.resolve() or not is_solo_candidate(cand):
             continue
         (solo_name,) = cand.tenants
+        # A solo under a cap (a point of a solo share sweep, what --predict reads) is the
+        # baseline of a tenant under the same cap only: NP must not divide by a 25 % solo.
+        capped = sm_cap(cand, solo_name)
+        if capped is not None and capped != sm_cap(run, name):
+            continue
         if same_identity(run, name, cand, solo_name) and cand.gpu_name == run.gpu_name:
             return cand
     return None

@@ -15,7 +15,7 @@ module only feeds it and records what comes back:
   tokens in it), under the lock ``poll`` drains with (``stream.py``: the ordering contract).
 - The final output carries vLLM's own per-request timestamps (``RequestStateStats``: queued,
   scheduled, first and last token, from the engine core's ``time.monotonic()``, the same host
-  CLOCK_MONOTONIC as ``t``); they go into the ``done`` event as ``engine_*_ns`` (schema.py) so
+  CLOCK_MONOTONIC as ``t``); they go into the ``done`` event as ``engine_*_ns`` (``schema``) so
   analysis can split TTFT into front-end delay, engine queueing and prefill.
 - ``synthetic:<arch>`` models become a folder holding only the arch's config.json, loaded with
   ``load_format="dummy"`` (random weights, no download); the tokenizer is never loaded

@@ -148,21 +148,34 @@ def test_cpu_baselines_match_on_threads(tmp_path: Path) -> None:
 
 def capped_solo(root: Path, dirname: str, pct: int | None) -> RunData:
     """A solo run whose tenant ran under an applied MPS cap of ``pct`` % (None: no cap)."""
-    import json
-
     rb = RunBuilder(root, dirname)
     rb.tenant("a").start(0).window(1000, 2000).request(1, 1000, 1000, [1100, 1200])
     run_dir = rb.write()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    manifest["tenants"]["a"].update(share_applied=True, share={"active_thread_pct": pct})
-    (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    return load_run(run_dir)
+    return load_run(_capped(run_dir, "a", pct) if pct is not None else run_dir)
 
 
-def test_a_solo_under_an_sm_cap_below_100_is_no_baseline(tmp_path: Path) -> None:
+def test_a_solo_under_an_sm_cap_is_the_baseline_of_the_same_cap_only(tmp_path: Path) -> None:
     # A solo share sweep (what --predict reads) sits beside the runs: its 25 % point measured a
-    # share, not the tenant alone, and NP must not divide by it.
+    # share, not the tenant alone, and NP of an uncapped tenant must not divide by it.
     co = pair(tmp_path)
     assert not matched(co, capped_solo(tmp_path, "solo25", 25)), "a 25 % solo was taken as the baseline"
     assert matched(co, capped_solo(tmp_path, "solo100", 100))
     assert matched(co, capped_solo(tmp_path, "solo_uncapped", None))
+    co25 = load_run(_capped(pair_dir(tmp_path, "pair25"), "x", 25))
+    assert matched(co25, capped_solo(tmp_path, "solo25b", 25)), "the same cap: a baseline"
+
+
+def pair_dir(root: Path, dirname: str) -> Path:
+    rb = RunBuilder(root, dirname)
+    rb.tenant("x").start(0).window(1000, 2000)
+    rb.tenant("y").start(0).window(1000, 2000)
+    return rb.write()
+
+
+def _capped(run_dir: Path, tenant: str, pct: int) -> Path:
+    import json
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["tenants"][tenant].update(share_applied=True, share={"active_thread_pct": pct})
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return run_dir

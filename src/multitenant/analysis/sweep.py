@@ -11,12 +11,8 @@ different experiments (manifest ``name``), ``experiment`` is an axis too, so unr
 pool. Runs whose status is not ``ok`` stay out of every mean, with a warning naming them; the
 same run found twice (equal host, ``started_ns`` and folder name: a copied folder) counts once.
 
-Estimates: each point's mean and 95 % Student-t interval over its trials (``stats.estimate``).
-
-Headline metrics (``names``: ``TENANT_METRICS`` per tenant, ``RUN_METRICS`` for the run, tenant ``RUN_LEVEL``):
-per-tenant throughput, TTFT/TPOT/E2E p50 and p99 (ms), NP, SLO attainment, goodput (req/s);
-aggregate throughput (tok/s), STP, ANTT, fairness, Jain, aggregate goodput (Σ tenants' goodput,
-req/s). They are each run's own figures (``metrics.compute_run``), averaged over trials.
+Estimates: each point's mean and 95 % Student-t interval over its trials (``stats.estimate``) of
+the headline metrics (``names.TENANT_METRICS``, ``RUN_METRICS``), each run's own figures.
 
 Best point. With an SLO and target q: a point is feasible when every tenant's mean SLO attainment
 is >= q, compared exactly (``stats.at_least`` on the mean of the trials' good/judged fractions;
@@ -29,8 +25,6 @@ higher objective).
 Rate sweeps. For an axis ``tenants.<t>.workload.arrival.rate`` (values numbers, req/s), for each
 combination of the other axes and each tenant: attainment against rate, and the highest swept rate
 up to which the tenant meets q at every swept rate (None when it misses at the lowest).
-
-Wall-time share: ``sweep_cost``.
 """
 
 from __future__ import annotations

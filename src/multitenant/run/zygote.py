@@ -27,6 +27,9 @@ What a forked child gets, so that it behaves like a fresh ``python -m multitenan
 - its working directory, ``sys.path[0]`` and ``sys.argv``; its environment replaced as a whole
   (``os.environ`` cleared and refilled: ``putenv`` for the C side too) before anything of the
   tenant runs; SIGCHLD, SIGINT and SIGTERM back to a fresh interpreter's handlers;
+- the imported modules' objects are frozen in the zygote (``gc.freeze``): a child's garbage
+  collections skip them instead of touching, and so copying, their pages (a fresh process
+  freezes them at ready, ``tenant.py``, after one collection);
 - the ``random`` module reseeds itself after a fork (its ``register_at_fork`` hook); numpy's
   and torch's global generators keep the zygote's state, which is what a fresh process would
   have too (torch seeds a fixed default; the harness seeds its own generators).
@@ -79,6 +82,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import logging
@@ -466,6 +470,9 @@ def serve(sock: socket.socket) -> ChildJob | None:
                         errors.append(f"import {module}: {type(e).__name__}: {e}")
                 if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != cache_dir_before:
                     errors.append("an import set TORCHINDUCTOR_CACHE_DIR in the zygote")
+                # What the imports built is shared copy-on-write with every child: frozen, a
+                # child's collections never walk it (which would copy those pages into each).
+                gc.freeze()
                 send({"op": "preloaded", "import_s": time.monotonic() - t, "error": "; ".join(errors) or None})
             elif msg["op"] == "fork":
                 problem = _cuda_problem()

@@ -232,6 +232,8 @@ def test_cpu_threads_come_from_the_spec(tmp_path: Path, mt_env: dict[str, str], 
     assert {n: (t["start"], t["engine"]["torch_threads"]) for n, t in m["tenants"].items()} == {
         "a": (tenant_start, 1), "b": (tenant_start, 2)
     }
+    for name in ("a", "b"):  # nothing on stderr: its last line would be quoted as a failure's reason
+        assert (run_dir / "tenants" / name / "stderr.log").read_text() == ""
     assert m["tenants"]["a"]["cpu_threads"] == 1 and m["tenants"]["b"]["cpu_threads"] == 2
 
 

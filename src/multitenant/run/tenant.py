@@ -88,9 +88,20 @@ class TenantStopped(Exception):
 # True while the request loop runs: it polls the stop flag between polls of the engine and
 # cancels in-flight requests cleanly, so a signal then only sets the flag. Also True once the
 # tenant is ending (its error report and cleanup): the orchestrator answers an error with a
-# stop, and that must not cut the cleanup short (exit code 0, no run_end). Otherwise (model
-# loading, waiting for the window) a signal raises TenantStopped at once.
-_polling_stop = False
+# stop, and that must not cut the cleanup short (exit code 0, no run_end). True, too, until
+# run_start is written: a stop in the tenant's first milliseconds (a forked tenant gets there
+# fast, and the other tenant of a pair may fail as quickly) still leaves run_start and an
+# interrupted run_end. Otherwise (model loading, waiting for the window) a signal raises
+# TenantStopped at once.
+_polling_stop = True
+
+
+def _allow_stops(stop: threading.Event) -> None:
+    """From now on a stop signal raises TenantStopped at once; one that came before does now."""
+    global _polling_stop
+    _polling_stop = False
+    if stop.is_set():
+        raise TenantStopped("stop requested")
 
 
 def _defer_stops() -> None:
@@ -347,6 +358,10 @@ def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Eve
     engine: Engine | None = None
     status, code = TenantStatus.OK, 0
     try:
+        _allow_stops(stop)
+        # On disk before loading starts: a tenant that dies while loading (a forked one gets
+        # there within milliseconds, before the writer's periodic flush) still shows it started.
+        writer.flush()
         engine = import_path(spec.engine)(spec.engine_context(Path(spec.events_path).parent))
         assert engine is not None
         fault = fault_from_env(spec.name)  # None unless MT_FAULT names this tenant (tests/faults)

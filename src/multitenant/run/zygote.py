@@ -502,6 +502,9 @@ def run_child(job: ChildJob) -> None:
     if sys.path and sys.path[0] != job.cwd and os.path.isdir(sys.path[0]):
         sys.path[0] = job.cwd  # ``python -m`` puts the working directory first
     sys.argv = ["-m", *job.argv]
+    # ``python -m`` runs the module as __main__ only: the preloaded copy goes (its imports stay),
+    # as runpy would otherwise warn on stderr, whose last line is a failed tenant's reason.
+    sys.modules.pop(job.module, None)
     runpy.run_module(job.module, run_name="__main__", alter_sys=True)
 
 

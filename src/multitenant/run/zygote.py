@@ -65,6 +65,12 @@ transformers 5.25, Python 3.11, in this code):
   values (mt-run's) are the tenant's. ``VLLM_*``: not checked here (vLLM is not installed on
   this machine): a tenant that sets one (vLLM on the CPU does) starts fresh.
 
+What differs, seen from outside only: a forked tenant was not exec'd, so its
+``/proc/<pid>/cmdline`` and ``/proc/<pid>/environ`` are the zygote's (``ps`` shows ``python -m
+multitenant.run.zygote``; ``psutil.Process(pid).environ()`` the zygote's environment, without
+the tenant's MPS share). The process itself, the CUDA driver in it included, reads its own
+(``getenv`` sees the environment set after the fork). Its parent is the zygote, not ``mt-run``.
+
 The rule that keeps this exact: a tenant whose environment differs from the zygote's in any
 variable outside ``FORK_SAFE_VARS`` (read at first use, or set in the child as above) is not
 forked but started fresh (``tenants.spawn`` falls back to ``subprocess.Popen``), and the

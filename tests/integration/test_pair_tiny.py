@@ -198,17 +198,22 @@ def test_unknown_key_added_with_plus_exits_2(tmp_path: Path, mt_env: dict[str, s
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
-def test_cpu_threads_come_from_the_spec(tmp_path: Path, mt_env: dict[str, str]) -> None:
-    # The thread count is the tenant's, whatever the number of tenants or the caller's env.
+@pytest.mark.parametrize("tenant_start", ["spawn", "fork"])
+def test_cpu_threads_come_from_the_spec(tmp_path: Path, mt_env: dict[str, str], tenant_start: str) -> None:
+    # The thread count is the tenant's, whatever the number of tenants or the caller's env,
+    # and whether the tenant was started fresh or forked from the zygote (which started
+    # without OMP_NUM_THREADS and sets the count in the child).
     run_dir = tmp_path / "run"
     env = {**mt_env, "OMP_NUM_THREADS": "7"}
     argv = [sys.executable, "-m", "multitenant.cli", "--config-name", "multitenant/pair_tiny", "progress=false",
             "tenants.a.workload.duration_s=1", "tenants.b.workload.duration_s=1", "tenants.b.cpu_threads=2",
-            f"hydra.run.dir={run_dir}"]  # fmt: skip
+            f"tenant_start={tenant_start}", f"hydra.run.dir={run_dir}"]  # fmt: skip
     p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen: dict[str, str] = {}
     deadline = time.monotonic() + 120
-    while len(seen) < 2 and time.monotonic() < deadline and p.poll() is None:
+    # /proc/<pid>/environ shows the environment a process was exec'd with: a forked tenant's is
+    # the zygote's (its own is set with putenv after the fork), so it is read for spawn only.
+    while tenant_start == "spawn" and len(seen) < 2 and time.monotonic() < deadline and p.poll() is None:
         try:
             m = json.loads((run_dir / "manifest.json").read_text())
         except (OSError, ValueError):
@@ -220,8 +225,15 @@ def test_cpu_threads_come_from_the_spec(tmp_path: Path, mt_env: dict[str, str]) 
                     seen[name] = psutil.Process(t["pid"]).environ().get("OMP_NUM_THREADS", "")
         time.sleep(0.1)
     assert p.wait(timeout=180) == 0, p.stderr.read() if p.stderr else ""
-    assert seen == {"a": "1", "b": "2"}
+    if tenant_start == "spawn":
+        assert seen == {"a": "1", "b": "2"}
     m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["tenant_start"] == tenant_start
+    assert {n: (t["start"], t["engine"]["torch_threads"]) for n, t in m["tenants"].items()} == {
+        "a": (tenant_start, 1), "b": (tenant_start, 2)
+    }
+    for name in ("a", "b"):  # nothing on stderr: its last line would be quoted as a failure's reason
+        assert (run_dir / "tenants" / name / "stderr.log").read_text() == ""
     assert m["tenants"]["a"]["cpu_threads"] == 1 and m["tenants"]["b"]["cpu_threads"] == 2
 
 

@@ -71,6 +71,7 @@ def test_example_configs_validate(pair: dict[str, Any], gpu_pair: dict[str, Any]
         ("mode", "mig", "mode"),
         ("ready_timeout_s", 0, "ready_timeout_s"),
         ("telemetry_interval_ms", 1, "telemetry_interval_ms"),
+        ("tenant_start", "exec", "tenant_start"),
     ],
 )
 def test_bad_values_name_the_field(pair: dict[str, Any], path: str, value: Any, field: str) -> None:

@@ -21,6 +21,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 DATASETS = ("random", "jsonl")
 ARRIVALS = ("closed", "poisson", "gamma", "constant")
 OPEN_LOOP_ARRIVALS = ("poisson", "gamma", "constant")  # schedules that do not wait for the engine
+TENANT_STARTS = ("fork", "spawn")
 
 
 class ConfigError(ValueError):
@@ -128,5 +129,10 @@ class ExperimentConfig:
     # Compile and graph caches (Inductor, Triton, vLLM, CUDA's JIT), kept across runs and sweep
     # jobs; default $MT_CACHE_DIR, else $XDG_CACHE_HOME/multitenant, else ~/.cache/multitenant.
     cache_dir: str | None = None
+    # How tenant processes start: fork (from one pre-imported "tenant zygote" per mt-run, which
+    # has torch and transformers imported already: saves their import, seconds per job) or
+    # spawn (a fresh interpreter per tenant, importing everything itself). run/zygote.py says
+    # what a forked tenant gets and which tenants are spawned anyway.
+    tenant_start: str = "fork"
     mps: MpsConfig = field(default_factory=MpsConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)

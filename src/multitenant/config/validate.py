@@ -33,6 +33,7 @@ from multitenant.config.schema import (
     MODES,
     MPS_MODES,
     TASKS,
+    TENANT_STARTS,
     ConfigError,
     ExperimentConfig,
     TenantConfig,
@@ -188,6 +189,11 @@ def validate(config: ExperimentConfig) -> Experiment:
             f"must be >= {HANG_TIMEOUT_MIN_S:g} s (got {c.hang_timeout_s}): tenants report progress every 0.5 s",
             "use 60 (the default), more if one engine step can take longer",
         )
+    if c.tenant_start not in TENANT_STARTS:
+        raise fail(
+            "tenant_start", f"unknown start method {c.tenant_start!r}",
+            "use fork (tenants forked from one pre-imported process) or spawn (a fresh process each)",
+        )  # fmt: skip
     if c.window_lead_s < 0:
         raise fail("window_lead_s", f"must be >= 0 (got {c.window_lead_s})", "set it to 0.5")
     if not c.telemetry_interval_ms >= 10:

@@ -80,6 +80,7 @@ def new_manifest(experiment: Experiment, run_dir: Path, argv: list[str], overrid
         # Where tenants keep compiled kernels (a variable already set in the environment wins).
         cache_dir=str(experiment.cache_dir),
         trial=c.trial,
+        tenant_start=c.tenant_start,
     )
 
 

@@ -6,7 +6,9 @@ Order of work (each step is undone in ``finally``, in reverse, whatever happens)
 2. ``mps``: start a private control daemon (``mps_external``: check the given one answers);
 3. start the telemetry sampler;
 4. spawn every tenant as its own process (``tenants.spawn``), with its MPS share in its
-   environment. Tenants load side by side, except one whose engine sizes itself from the GPU's
+   environment; under ``tenant_start: fork`` the process is forked from ``mt-run``'s tenant
+   zygote (``zygote.py``; started on first use, it imports this job's engine modules first,
+   outside any window: the previous job's tenants are gone by now). Tenants load side by side, except one whose engine sizes itself from the GPU's
    free memory (``Backend.loads_alone``: vLLM, a launched server): it starts once every tenant
    before it is ready, and the next one starts once it is ready (vLLM's memory profiling breaks
    when another process allocates meanwhile);
@@ -40,7 +42,7 @@ import yaml
 
 from multitenant.config.validate import Experiment, Tenant
 from multitenant.run import manifest as manifest_io
-from multitenant.run.environment import tenant_env
+from multitenant.run.environment import cache_env, tenant_env
 from multitenant.run.host import gpu_info, host_fingerprint
 from multitenant.run.spec import TenantSpec, common_fields, type_path
 from multitenant.run.tenants import (
@@ -88,6 +90,7 @@ class Orchestrator:
         self.window: tuple[int, int | None] | None = None
         self.progress: Any = None  # run.progress.LiveProgress, set by the caller
         self._window_marked = False
+        self.zygote: Any = None  # run.zygote.Zygote under tenant_start=fork
 
     def _save(self) -> None:
         manifest_io.save(self.manifest, self.run_dir)
@@ -217,6 +220,8 @@ class Orchestrator:
 
     def _start_tenants(self) -> None:
         """Spawn the tenants and wait until all are ready; those that load alone one at a time."""
+        if self.config.tenant_start == "fork":
+            self._start_zygote()
         for tenant in self.experiment.tenants.values():
             if tenant.loads_alone:
                 self._wait_ready()  # every tenant started so far
@@ -224,6 +229,20 @@ class Orchestrator:
             if tenant.loads_alone:
                 self._wait_ready()
         self._wait_ready()
+
+    def _start_zygote(self) -> None:
+        """The tenant zygote, with this job's engine modules imported (vLLM only if a tenant
+        uses it). A zygote that cannot start or import leaves the tenants to start fresh."""
+        from multitenant.run import zygote
+
+        modules = {zygote.TENANT_MODULE} | {t.backend.engine.partition(":")[0] for t in self.experiment.tenants.values()}
+        try:
+            z = zygote.shared(cache_env(os.environ, self.experiment.cache_dir))
+            self.manifest.zygote_preload_s = z.preload(modules, timeout_s=self.config.ready_timeout_s)
+        except (zygote.ZygoteError, OSError) as e:
+            log.warning("tenant zygote unavailable (%s): tenants start fresh", e)
+            return
+        self.zygote = z
 
     def _spawn(self, tenant: Tenant) -> None:
         tdir = self.run_dir / "tenants" / tenant.name
@@ -247,11 +266,14 @@ class Orchestrator:
         )
         pipe, logs = (self.daemon.pipe_dir, self.daemon.log_dir) if self.daemon is not None else (None, None)
         env = tenant_env(tenant, self.mode, self.experiment.cache_dir, pipe, logs)
-        tp = spawn(spec, tenant, tdir, env)
+        tp = spawn(spec, tenant, tdir, env, self.zygote)
         self.tenants[tenant.name] = tp
         self.selector.register(tp.msg_fd, selectors.EVENT_READ, tp)
         self.manifest.tenants[tenant.name].pid = tp.popen.pid
-        log.info("tenant %s started, pid %d%s", tenant.name, tp.popen.pid, " (loads alone)" if tenant.loads_alone else "")
+        self.manifest.tenants[tenant.name].start = tp.start
+        log.info(
+            "tenant %s started (%s), pid %d%s", tenant.name, tp.start, tp.popen.pid, " (loads alone)" if tenant.loads_alone else ""
+        )
         self._save()
 
     def _pump(self, timeout_s: float) -> None:
@@ -285,6 +307,7 @@ class Orchestrator:
         record = self.manifest.tenants[tp.name]
         record.load_s, record.warmup_s, record.effective_sms = msg.load_s, msg.warmup_s, msg.sms
         record.child_pids, record.engine = msg.child_pids, msg.engine
+        record.import_s = msg.import_s
         log.info("tenant %s ready (load %.1fs, warm-up %.1fs)", tp.name, msg.load_s, msg.warmup_s)
 
     def _first_failure(self) -> str | None:

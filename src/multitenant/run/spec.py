@@ -28,7 +28,9 @@ class TenantSpec:
     dataclass (None: the backend has none); ``options``: the options as plain data;
     ``engine_device``: ``cpu`` or ``cuda:0`` (under MPS and timeslice the tenant's GPU is its
     device 0); ``window_timeout_s``: how long it waits for the window after it is ready
-    (tenants that load one after another wait for the others)."""
+    (tenants that load one after another wait for the others); ``spawned_ns``:
+    ``time.monotonic_ns()`` when the orchestrator started (or forked) the process, None when
+    started by hand: the tenant reports ``import_s`` from it."""
 
     name: str
     tenant: TenantConfig
@@ -43,6 +45,7 @@ class TenantSpec:
     pinned_mem_limit_bytes: int | None
     gpu_total_memory_bytes: int | None
     window_timeout_s: float
+    spawned_ns: int | None = None
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2), encoding="utf-8")

@@ -89,9 +89,20 @@ class TenantStopped(Exception):
 # True while the request loop runs: it polls the stop flag between polls of the engine and
 # cancels in-flight requests cleanly, so a signal then only sets the flag. Also True once the
 # tenant is ending (its error report and cleanup): the orchestrator answers an error with a
-# stop, and that must not cut the cleanup short (exit code 0, no run_end). Otherwise (model
-# loading, waiting for the window) a signal raises TenantStopped at once.
-_polling_stop = False
+# stop, and that must not cut the cleanup short (exit code 0, no run_end). True, too, until
+# run_start is written: a stop in the tenant's first milliseconds (a forked tenant gets there
+# fast, and the other tenant of a pair may fail as quickly) still leaves run_start and an
+# interrupted run_end. Otherwise (model loading, waiting for the window) a signal raises
+# TenantStopped at once.
+_polling_stop = True
+
+
+def _allow_stops(stop: threading.Event) -> None:
+    """From now on a stop signal raises TenantStopped at once; one that came before does now."""
+    global _polling_stop
+    _polling_stop = False
+    if stop.is_set():
+        raise TenantStopped("stop requested")
 
 
 def _defer_stops() -> None:
@@ -348,12 +359,17 @@ def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Eve
     engine: Engine | None = None
     status, code = TenantStatus.OK, 0
     try:
+        _allow_stops(stop)
+        # On disk before loading starts: a tenant that dies while loading (a forked one gets
+        # there within milliseconds, before the writer's periodic flush) still shows it started.
+        writer.flush()
         engine = import_path(spec.engine)(spec.engine_context(Path(spec.events_path).parent))
         assert engine is not None
         fault = fault_from_env(spec.name)  # None unless MT_FAULT names this tenant (tests/faults)
         if fault is not None:
             fault.load(writer)
         t_load = time.monotonic_ns()
+        import_s = (t_load - spec.spawned_ns) / 1e9 if spec.spawned_ns is not None else None
         engine.load()
         load_s = (time.monotonic_ns() - t_load) / 1e9
         if ctl is not None:
@@ -383,7 +399,7 @@ def run_tenant(spec: TenantSpec, ctl: ControlChannel | None, stop: threading.Eve
                 ReadyMsg(
                     load_s=load_s, warmup_s=warmup_s, pid=os.getpid(), child_pids=child_pids, engine=engine_info,
                     device=info.device, device_name=info.device_name, sms=info.sms,
-                    total_memory_bytes=info.total_memory_bytes, probe_error=info.probe_error,
+                    total_memory_bytes=info.total_memory_bytes, probe_error=info.probe_error, import_s=import_s,
                 )
             )  # fmt: skip
             window = ctl.wait_window(timeout_s=spec.window_timeout_s)

@@ -4,11 +4,16 @@ A tenant is ``python -m multitenant.run.tenant`` in its own session (a whole pro
 be stopped, and the terminal's Ctrl-C does not reach it), with two pipes: commands to it
 (``schema.WindowCmd``, ``StopCmd``) and messages from it (``WarmupMsg``, ``ReadyMsg``, ``ProgressMsg``,
 ``ErrorMsg``, ``FinishedMsg``), one JSON line each.
+
+With a tenant zygote (``tenant_start: fork``, ``zygote.py``) the same process is forked from a
+pre-imported one instead of started fresh; ``TenantProc.popen`` is then a
+``zygote.ForkedProcess``, with the same ``pid``, ``poll()`` and ``returncode``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -16,9 +21,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from multitenant.config.validate import Tenant
 from multitenant.run.spec import TenantSpec
+from multitenant.run.zygote import Zygote, ZygoteError, unsafe_differences
 from multitenant.schema import (
     Command,
     Counts,
@@ -33,6 +40,19 @@ from multitenant.schema import (
 
 # A tenant's state as the orchestrator sees it.
 LOADING, WARMING_UP, READY, RUNNING, FINISHED, FAILED = "loading", "warming up", "ready", "running", "finished", "failed"
+SPAWN, FORK = "spawn", "fork"
+
+log = logging.getLogger("multitenant")
+
+
+class Process(Protocol):
+    """What the orchestrator uses of a tenant's process: ``subprocess.Popen`` or
+    ``zygote.ForkedProcess``."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
 
 
 @dataclass
@@ -45,10 +65,11 @@ class TenantProc:
 
     tenant: Tenant
     dir: Path
-    popen: subprocess.Popen[bytes]
+    popen: Process
     cmd_pipe: object  # text file: orchestrator -> tenant
     msg_fd: int  # orchestrator <- tenant
     started_at: float = 0.0  # time.monotonic() of the spawn: its ready deadline counts from here
+    start: str = SPAWN  # how it started: spawn | fork
     state: str = LOADING
     ready: ReadyMsg | None = None
     counts: Counts | None = None
@@ -113,29 +134,48 @@ class TenantProc:
             self.counts, self.progress_t_ns = msg.counts, end_ns
 
 
-def spawn(spec: TenantSpec, tenant: Tenant, tdir: Path, env: dict[str, str]) -> TenantProc:
-    """Start one tenant process from its spec (written to ``tdir/spec.json``)."""
+def spawn(spec: TenantSpec, tenant: Tenant, tdir: Path, env: dict[str, str], zygote: Zygote | None = None) -> TenantProc:
+    """Start one tenant process from its spec (written to ``tdir/spec.json``): forked from
+    ``zygote`` if given and the tenant's environment allows it (``zygote.unsafe_differences``),
+    else a fresh interpreter."""
+    if zygote is not None and (unsafe := unsafe_differences(env, zygote.env)):
+        log.warning("tenant %s starts fresh: its environment differs from the zygote's in %s", tenant.name, ", ".join(unsafe))
+        zygote = None
     spec_path = tdir / "spec.json"
+    spec.spawned_ns = time.monotonic_ns()
     spec.write(spec_path)
     cmd_r, cmd_w = os.pipe()
     msg_r, msg_w = os.pipe()
+    popen: Process | None = None
+    how = SPAWN
     # The child keeps its own copies of the log fds; ours close when the block ends.
     with open(tdir / "stdout.log", "wb") as stdout, open(tdir / "stderr.log", "wb") as stderr:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "multitenant.run.tenant", "--spec", str(spec_path),
-             "--ctl-in", str(cmd_r), "--ctl-out", str(msg_w)],
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            pass_fds=(cmd_r, msg_w),
-            start_new_session=True,  # own process group: stopped as a whole, immune to the terminal's ^C
-            cwd=os.getcwd(),
-        )  # fmt: skip
+        if zygote is not None:
+            try:
+                with open(os.devnull, "rb") as devnull:
+                    popen = zygote.fork(
+                        ["--spec", str(spec_path), "--ctl-in", "{ctl_in}", "--ctl-out", "{ctl_out}"],
+                        env, os.getcwd(), (devnull.fileno(), stdout.fileno(), stderr.fileno(), cmd_r, msg_w),
+                    )  # fmt: skip
+                how = FORK
+            except ZygoteError as e:
+                log.warning("tenant %s starts fresh: the tenant zygote did not fork it (%s)", tenant.name, e)
+        if popen is None:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "multitenant.run.tenant", "--spec", str(spec_path),
+                 "--ctl-in", str(cmd_r), "--ctl-out", str(msg_w)],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+                pass_fds=(cmd_r, msg_w),
+                start_new_session=True,  # own process group: stopped as a whole, immune to the terminal's ^C
+                cwd=os.getcwd(),
+            )  # fmt: skip
     os.close(cmd_r)
     os.close(msg_w)
     os.set_blocking(msg_r, False)
-    return TenantProc(tenant, tdir, popen, os.fdopen(cmd_w, "w"), msg_r, started_at=time.monotonic())
+    return TenantProc(tenant, tdir, popen, os.fdopen(cmd_w, "w"), msg_r, started_at=time.monotonic(), start=how)
 
 
 def signal_group(tp: TenantProc, sig: signal.Signals) -> None:

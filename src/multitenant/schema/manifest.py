@@ -130,6 +130,10 @@ class TenantRecord:
     effective_sms: int | None = None
     mps_attached: bool | None = None
     exit_code: int | None = None
+    # How the process started: "spawn" (a fresh interpreter) or "fork" (from the tenant zygote;
+    # a tenant whose environment the zygote cannot give is spawned even under tenant_start=fork).
+    start: str | None = None
+    import_s: float | None = None  # spawn or fork to the start of loading (ReadyMsg.import_s)
     load_s: float | None = None
     warmup_s: float | None = None
     child_pids: list[int] | None = None  # the tenant's descendants at ready (engine core, server)
@@ -162,6 +166,8 @@ class Manifest:
     overrides: list[str] = field(default_factory=list)
     cache_dir: str | None = None
     trial: int | None = None
+    tenant_start: str | None = None  # the run's config: fork (the tenant zygote) | spawn
+    zygote_preload_s: float | None = None  # what this run's preload in the zygote took (fork)
     # What the host and GPU did over the measured window (written when the window ends).
     activity: HostActivity | None = None
 

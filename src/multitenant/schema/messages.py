@@ -36,6 +36,9 @@ class ReadyMsg:
     sms: int | None = None
     total_memory_bytes: int | None = None
     probe_error: str | None = None
+    # From the orchestrator's spawn (or fork) to the start of loading: interpreter, imports,
+    # engine construction. None when the tenant was started by hand.
+    import_s: float | None = None
 
 
 @dataclass

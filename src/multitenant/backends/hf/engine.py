@@ -455,6 +455,7 @@ class HFEngine:
             "execution": self.execution,
             "graph_impl": self.graph_impl if self.execution == "graphs" else None,
             "batch_buckets": self.buckets if self.execution == "graphs" else None,
+            "torch_threads": torch.get_num_threads(),  # intra-op threads it computes with
         }
 
     def close(self) -> None:

@@ -160,7 +160,7 @@ def is_solo_candidate(run: RunData) -> bool:
 def sm_cap(run: RunData, name: str) -> int | None:
     """The tenant's applied MPS SM cap when below 100 %, else None (it had every SM)."""
     record = run.tenant_manifest(name)
-    pct = record.share.get("active_thread_pct") if record.share_applied else None
+    pct = record.share.active_thread_pct if record.share_applied else None
     return int(pct) if isinstance(pct, (int, float)) and pct < 100 else None
 
 

@@ -178,7 +178,7 @@ def _stack(rm: RunMetrics, name: str, ts: TenantSummary) -> list[dict[str, Any]]
     own_version = packages.get("multitenant") or "unknown"
     on_gpu = run.mode != "cpu" and run.gpu_name is not None
     backend_options = run.backend_options(name)
-    share = dict(rec.share or (dataclasses.asdict(typed.share) if typed else {}))
+    share = rec.share.given() or (typed.share.given() if typed else {})
     share_fields = {
         "mode": run.mode,
         **{key: share.get(key) for key in SHARE_FIELDS},

@@ -56,7 +56,7 @@ from multitenant.analysis.names import (
 from multitenant.analysis.requests import RequestTable, in_range, latency_sample, request_table
 from multitenant.analysis.stats import latency_stats
 from multitenant.analysis.window_cut import TenantBounds, window_cut
-from multitenant.schema import HardwareSummary, RequestStatus, RunStatus
+from multitenant.schema import HardwareSummary, RequestStatus, RunStatus, WindowCut
 
 SPLIT_NEGATIVE_TOLERANCE_MS = 1.0  # clocks of one host's processes agree far better than this
 
@@ -150,7 +150,7 @@ class RunMetrics:
     missing_baselines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # Which tenant set the window's start and end, and why (``window_cut``); None without a window.
-    window_cut: dict[str, Any] | None = None
+    window_cut: WindowCut | None = None
     # What the hardware did over the window, each tenant's solo baseline's, and fingerprint
     # differences (``hardware.attach``); empty until then.
     hardware: HardwareSummary | None = None

@@ -125,7 +125,7 @@ def run_share(rm: RunMetrics, name: str) -> float | None:
     record = rm.run.manifest.tenants.get(name)
     if record is None or not record.share_applied:
         return None
-    pct = record.share.get("active_thread_pct")
+    pct = record.share.active_thread_pct
     return 100.0 if pct is None else float(pct)
 
 
@@ -244,7 +244,7 @@ def configuration(point: Point) -> tuple[float, ...] | str | None:
         return TIMESLICE
     caps = []
     for name in rm.tenants:
-        pct = rm.run.manifest.tenants[name].share.get("active_thread_pct") if name in rm.run.manifest.tenants else None
+        pct = rm.run.tenant_manifest(name).share.active_thread_pct
         caps.append(100.0 if pct is None else float(pct))
     return tuple(caps)
 

@@ -6,7 +6,6 @@ read are ``summary``'s.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import math
 from collections.abc import Sequence
@@ -99,7 +98,7 @@ def run_tables(rm: RunMetrics) -> list[Table]:
         ["figure", "value"],
         [
             ["window", window],
-            ["window cut", rm.window_cut["text"] if rm.window_cut else "–"],
+            ["window cut", rm.window_cut.text if rm.window_cut else "–"],
             [f"{aggregate_label(rm)} throughput (tok/s, in window)", fmt(rm.gpu_throughput_tok_s)],
             [f"{aggregate_label(rm)} throughput, naive (tok/s, first send to last token)", fmt(rm.gpu_throughput_naive_tok_s)],
             ["STP (Σ NP)", fmt(rm.stp, 3)],
@@ -158,8 +157,8 @@ def setup_rows(rm: RunMetrics) -> list[list[str]]:
     for name in run.tenants:
         cfg = run.tenant_config(name)
         man = run.tenant_manifest(name)
-        share = man.share or (dataclasses.asdict(cfg.share) if cfg else {})
-        share_text = ", ".join(f"{k}={v}" for k, v in share.items() if v is not None) or "none"
+        given = man.share.given() or (cfg.share.given() if cfg else {})
+        share_text = ", ".join(f"{k}={v}" for k, v in given.items()) or "none"
         if name in run.manifest.tenants and man.share_applied is False:
             share_text += " (not applied)"
         model, backend, execution, dtype, max_batch = (
@@ -281,7 +280,7 @@ def print_terminal(rms: Sequence[RunMetrics], labels: dict[int, str], console: A
             highlight=False,
         )
         if rm.window_cut is not None:
-            console.print(f"  {rm.window_cut['text']}", markup=False, highlight=False)
+            console.print(f"  {rm.window_cut.text}", markup=False, highlight=False)
         for name, tm in rm.tenants.items():
             if tm.np_definition == NP_E2E and tm.baseline_run_dir is not None:
                 console.print(

@@ -60,7 +60,7 @@ def new_manifest(experiment: Experiment, run_dir: Path, argv: list[str], overrid
             max_batch=t.config.max_batch,
             device=t.config.device,
             cpu_threads=t.config.cpu_threads if cpu else None,
-            share=dataclasses.asdict(t.config.share),
+            share=dataclasses.replace(t.config.share),
             share_applied=experiment.applies_shares,
             identity=t.identity,
         )

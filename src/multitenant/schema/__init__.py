@@ -74,6 +74,7 @@ from multitenant.schema.summary import (
     RunSummary,
     Summary,
     TenantSummary,
+    WindowCut,
 )
 
 __all__ = [
@@ -127,6 +128,7 @@ __all__ = [
     "WORKLOAD_IDENTITY",
     "WarmupMsg",
     "Window",
+    "WindowCut",
     "WindowCmd",
     "baseline_identity",
     "comparable_identity",

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from multitenant.config.schema import ShareConfig
 from multitenant.schema.core import MANIFEST_SCHEMA_VERSION, RunStatus, from_dict, to_dict
 
 
@@ -125,7 +126,7 @@ class TenantRecord:
     max_batch: int | None = None
     device: str | None = None
     cpu_threads: int | None = None  # mode=cpu only
-    share: dict[str, Any] = field(default_factory=dict)
+    share: ShareConfig = field(default_factory=ShareConfig)  # as validated (pinned limit as "<dev>=<size>")
     share_applied: bool = False
     effective_sms: int | None = None
     mps_attached: bool | None = None

@@ -86,6 +86,24 @@ class HardwareSummary:
 
 
 @dataclass
+class WindowCut:
+    """How a run's window was cut (analysis/window_cut.py): the tenant whose phase start is the
+    window's start and the one whose end is its end, why it ended there (``end_reason``: its
+    phase end, its last token, or, for an encoder, its last completed request), offsets in
+    seconds from the earliest phase start (t0), and ``text``, the one sentence the reports show."""
+
+    window_s: float
+    start_tenant: str
+    start_s: float
+    all_start_together: bool
+    end_tenant: str
+    end_reason: str
+    end_s: float
+    end_tenant_phase_s: float | None
+    text: str = ""
+
+
+@dataclass
 class RunSummary:
     """One run in summary.json."""
 
@@ -103,7 +121,7 @@ class RunSummary:
     missing_baselines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # Which tenant set the window's start and end, and why (analysis/window_cut.py).
-    window_cut: dict[str, Any] | None = None
+    window_cut: WindowCut | None = None
     # What the hardware did (analysis/hardware.py): this run, and each tenant's solo baseline.
     hardware: HardwareSummary | None = None
     solo_hardware: dict[str, HardwareSummary] = field(default_factory=dict)

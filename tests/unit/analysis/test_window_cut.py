@@ -25,10 +25,10 @@ def test_a_tenant_whose_last_token_comes_early_cuts_the_window_and_says_so(tmp_p
     rm = compute_run(load_run(rb.write()))
     cut = rm.window_cut
     assert cut is not None
-    assert (cut["end_tenant"], cut["end_reason"], cut["end_tenant_phase_s"]) == ("b", WINDOW_END_LAST_TOKEN, 5.0)
-    assert abs(cut["end_s"] - 4.439) < 1e-9 and abs(cut["window_s"] - 4.439) < 1e-9
+    assert (cut.end_tenant, cut.end_reason, cut.end_tenant_phase_s) == ("b", WINDOW_END_LAST_TOKEN, 5.0)
+    assert abs(cut.end_s - 4.439) < 1e-9 and abs(cut.window_s - 4.439) < 1e-9
     text = "window 4.439 s: starts at t0 (every tenant's phase start); ends at tenant b's last token (4.439 s after t0; its 5 s phase had no token after it)"
-    assert cut["text"] == text
+    assert cut.text == text
 
     buf = io.StringIO()
     print_terminal([rm], {id(rm): "run"}, Console(file=buf, width=300))
@@ -43,6 +43,6 @@ def test_a_staggered_start_and_a_phase_end_are_named(tmp_path: Path) -> None:
     rb.tenant("a").start(0).window(1000, 3000).request(1, 1000, 1000, [2000, 3500]).end(3600)
     rb.tenant("b").start(0).window(1500, 4000).request(1, 1500, 1500, [2000, 3900]).end(4100)
     cut = compute_run(load_run(rb.write())).window_cut
-    assert cut is not None and (cut["start_tenant"], cut["end_tenant"], cut["end_reason"]) == ("b", "a", WINDOW_END_PHASE)
-    assert "starts at tenant b's phase start (0.500 s after t0, the latest start)" in cut["text"]
-    assert "ends at tenant a's phase end (2.000 s after t0, its 2 s phase)" in cut["text"]
+    assert cut is not None and (cut.start_tenant, cut.end_tenant, cut.end_reason) == ("b", "a", WINDOW_END_PHASE)
+    assert "starts at tenant b's phase start (0.500 s after t0, the latest start)" in cut.text
+    assert "ends at tenant a's phase end (2.000 s after t0, its 2 s phase)" in cut.text

